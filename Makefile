@@ -1,0 +1,32 @@
+# gptexp: every target that needs the environment creates .venv first when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PIP_QUIET ?= -q
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install test clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-dev.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-dev.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@# The book's package is our oracle; its metadata asks for tensorflow, which it does not need here.
+	$(PY) -m pip install $(PIP_QUIET) --no-deps llms-from-scratch==1.0.19 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import gptexp, torch, mlflow, optuna, llms_from_scratch" && touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the package and its dev tools (torch pinned to the CPU wheel)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean: ## remove the environment, caches and build outputs (not mlruns/ or data/raw/)
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache data/cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

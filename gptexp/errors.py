@@ -1,0 +1,9 @@
+"""Errors a user can fix. The CLI prints their message as one line and exits 2."""
+
+
+class GptexpError(Exception):
+    """Bad input that the user can fix; the message says what is wrong and how to fix it."""
+
+
+class CorpusError(GptexpError):
+    """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short."""

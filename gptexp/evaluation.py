@@ -1,0 +1,92 @@
+"""Losses: the book's batch and loader losses, and a token-weighted loss over a whole split.
+
+`calc_loss_loader` is the book's mean of batch means over at most `num_batches` batches; it
+depends on the loader's batch size and stride. `evaluate_split` is what sweeps compare: every
+target token of the split predicted exactly once, from non-overlapping windows of the model's
+context length, averaged per token, so it does not depend on training stride or batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CorpusError
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    """Mean cross-entropy of one (batch, n) batch; logits are (batch, n, vocab)."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
+    """The book's mean of batch losses over the first `num_batches` batches (all if None)."""
+    if len(data_loader) == 0:
+        # The book returns NaN here, which then poisons every comparison downstream.
+        raise CorpusError("the data loader is empty: use a longer corpus, a shorter context or a smaller batch")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total_loss = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
+
+
+def perplexity(loss) -> float:
+    """exp(loss); inf where exp overflows."""
+    loss = float(loss)
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class SplitLoss:
+    loss: float  # mean cross-entropy per target token
+    tokens: int  # number of target tokens scored
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.loss)
+
+
+def evaluation_windows(n_tokens: int, context_length: int) -> list[tuple[int, int]]:
+    """(start, length) of non-overlapping input windows that predict tokens 1..n-1 once each."""
+    return [(s, min(context_length, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, context_length)]
+
+
+def evaluate_split(model, token_ids, context_length: int, device, batch_size: int = 8,
+                   *, name: str = "split") -> SplitLoss:
+    """Token-weighted loss of `model` over every target token of a split.
+
+    Full windows go through in batches; the shorter tail window alone. Sums are kept in float64
+    so the result does not drift with the number of batches.
+    """
+    ids = np.asarray(token_ids)
+    if len(ids) < 2:
+        raise CorpusError(f"{name} has {len(ids)} token(s); evaluation needs at least 2")
+    windows = evaluation_windows(len(ids), context_length)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.inference_mode():
+            full = [s for s, n in windows if n == context_length]
+            tail = [(s, n) for s, n in windows if n != context_length]
+            groups = [(full[i:i + batch_size], context_length) for i in range(0, len(full), batch_size)]
+            groups += [([s], n) for s, n in tail]
+            for starts, n in groups:
+                offsets = np.arange(n + 1)
+                batch = torch.from_numpy(ids[np.asarray(starts)[:, None] + offsets].astype(np.int64)).to(device)
+                logits = model(batch[:, :-1])
+                losses = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+                total += losses.double().sum().item()
+                count += losses.numel()
+    finally:
+        model.train(was_training)
+    return SplitLoss(loss=total / count, tokens=count)

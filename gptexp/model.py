@@ -1,0 +1,236 @@
+"""The GPT-2 architecture of the book's chapter 4, with two numerics behind one key.
+
+`impl: book` computes exactly what the book computes (explicit causal mask, softmax, dropout on
+the attention weights, the book's LayerNorm and tanh-GELU formulas), so a seeded training run
+matches the book's package to the last digit. `impl: fast` computes the same function with
+fused library kernels (scaled_dot_product_attention, F.layer_norm, F.gelu): same parameters,
+same state_dict keys, same initialisation, logits within ~1e-5 in fp32, and usable under bf16
+autocast and torch.compile.
+
+Parameters are created in the book's order, so `torch.manual_seed(s); GPTModel(cfg)` gives
+bit-identical weights to the book's `GPTModel(cfg)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMPLS = ("book", "fast")
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,
+    "context_length": 256,
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+MODEL_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+
+
+def check_model_cfg(cfg: dict) -> str:
+    """Validate a model cfg dict; return its impl. Raises ValueError with one clear line."""
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model config lacks {', '.join(missing)}: give all of {', '.join(MODEL_KEYS)}")
+    impl = cfg.get("impl", "book")
+    if impl not in IMPLS:
+        raise ValueError(f"model impl {impl!r} is unknown: use 'book' or 'fast'")
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ValueError(
+            f"emb_dim {cfg['emb_dim']} is not divisible by n_heads {cfg['n_heads']}: "
+            "choose n_heads that divides emb_dim"
+        )
+    return impl
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to the context.
+
+    Shapes: keys[i], values[i] are (batch, n_heads, context_length, head_dim); positions
+    [0, pos) are filled. One new token then costs one forward over one position.
+    """
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    pos: int = 0
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim: int, impl: str = "book"):
+        super().__init__()
+        self.impl = impl
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "fast":
+            return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * ((x - mean) / torch.sqrt(var + self.eps)) + self.shift
+
+
+class GELU(nn.Module):
+    def __init__(self, impl: str = "book"):
+        super().__init__()
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "fast":
+            return F.gelu(x, approximate="tanh")
+        # The constant is a float32 0-d tensor, as in the book; a Python float would round differently.
+        c = torch.sqrt(torch.tensor(2.0 / torch.pi))
+        return 0.5 * x * (1 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: dict, impl: str = "book"):
+        super().__init__()
+        d = cfg["emb_dim"]
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), GELU(impl), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, impl="book"):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out {d_out} is not divisible by num_heads {num_heads}")
+        self.impl = impl
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # A persistent buffer in the book, so it is part of the state_dict; kept for key parity.
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape  # (b, n, d_out) -> (b, heads, n, head_dim)
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, n, _ = x.shape
+        keys = self._heads(self.W_key(x))
+        queries = self._heads(self.W_query(x))
+        values = self._heads(self.W_value(x))
+        start = 0
+        if cache is not None:
+            keys, values, start = self._extend_cache(cache, layer, keys, values)
+
+        if self.impl == "fast":
+            p = self.dropout.p if self.training else 0.0
+            if start == 0:
+                ctx = F.scaled_dot_product_attention(queries, keys, values, dropout_p=p, is_causal=True)
+            else:
+                # Past keys are all visible; among the new ones, the usual causal triangle.
+                allowed = ~self.mask.bool()[start:start + n, :start + n]
+                ctx = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=p)
+        else:
+            scores = queries @ keys.transpose(2, 3)  # (b, heads, n, start + n)
+            scores.masked_fill_(self.mask.bool()[start:start + n, :start + n], -torch.inf)
+            weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
+            weights = self.dropout(weights)
+            ctx = weights @ values
+        ctx = ctx.transpose(1, 2).reshape(b, n, self.d_out)
+        return self.out_proj(ctx)
+
+    def _extend_cache(self, cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor):
+        b, h, n, hd = k.shape
+        if len(cache.keys) <= layer:
+            ctx_len = self.mask.shape[0]
+            cache.keys.append(k.new_empty(b, h, ctx_len, hd))
+            cache.values.append(v.new_empty(b, h, ctx_len, hd))
+        start = cache.pos
+        if start + n > cache.keys[layer].shape[2]:
+            raise ValueError(f"KV cache holds {cache.keys[layer].shape[2]} positions; {start + n} requested")
+        cache.keys[layer][:, :, start:start + n] = k
+        cache.values[layer][:, :, start:start + n] = v
+        return cache.keys[layer][:, :, :start + n], cache.values[layer][:, :, :start + n], start
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: dict, impl: str = "book"):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"],
+            num_heads=cfg["n_heads"],
+            qkv_bias=cfg["qkv_bias"],
+            impl=impl,
+        )
+        self.ff = FeedForward(cfg, impl)
+        self.norm1 = LayerNorm(cfg["emb_dim"], impl)
+        self.norm2 = LayerNorm(cfg["emb_dim"], impl)
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2 as in the book. cfg: the book's GPT_CONFIG keys, plus optional `impl` (book|fast)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        impl = check_model_cfg(cfg)
+        self.cfg = dict(cfg, impl=impl)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, impl) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"], impl)
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    @property
+    def impl(self) -> str:
+        return self.cfg["impl"]
+
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """in_idx: (batch, n) token ids -> logits (batch, n, vocab_size).
+
+        With a cache, in_idx holds only the new tokens; they sit at positions cache.pos onwards.
+        """
+        n = in_idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + n > self.pos_emb.num_embeddings:
+            raise ValueError(f"{start + n} positions exceed context_length {self.pos_emb.num_embeddings}")
+        pos = torch.arange(start, start + n, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += n
+        return self.out_head(self.final_norm(x))
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """All parameters, or those that do matmul work (the untied out_head counts; lookups don't)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_emb.weight.numel() + self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, context_length: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L d T."""
+        T = context_length or self.cfg["context_length"]
+        L, d = self.cfg["n_layers"], self.cfg["emb_dim"]
+        return 6 * self.num_parameters(non_embedding=True) + 12 * L * d * T
+
+
