@@ -30,3 +30,15 @@ test: $(STAMP) ## run the test suite
 clean: ## remove the environment, caches and build outputs (not mlruns/ or data/raw/)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache data/cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+PORT ?= 5000
+CONFIG ?= configs/gpt2-124m.yaml
+
+.PHONY: train ui
+
+train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tracked in MLflow
+	$(VENV)/bin/gptexp train --config $(CONFIG)
+
+ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5000; PORT=... to change)
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)

@@ -7,3 +7,10 @@ class GptexpError(Exception):
 
 class CorpusError(GptexpError):
     """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so runs end KILLED, like KeyboardInterrupt for Ctrl-C."""
+
+
+INTERRUPTS = (KeyboardInterrupt, Terminated)

@@ -72,3 +72,36 @@ def book():
         text_to_token_ids = staticmethod(ch05.text_to_token_ids)
 
     return Book
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """A private data folder (registry copy, raw/, cache/) so tests never write into the checkout."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("data")
+    shutil.copy(REPO / "data" / "registry.yaml", d / "registry.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTEXP_DATA_DIR", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A real MLflow store (SQLite + local artifacts) in a temp folder, as MLFLOW_TRACKING_URI."""
+    d = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{d}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        yield uri
+
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def cli_env(**extra) -> dict:
+    """The environment for a `gptexp` subprocess: this one plus `extra`."""
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

@@ -1,0 +1,207 @@
+"""`gptexp`: one command line for training, evaluating, sampling, sweeping and reproducing.
+
+Bad input is one line on stderr and exit code 2; a run that fails exits 1; Ctrl-C or SIGTERM
+exits 130 with the MLflow run marked KILLED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from .errors import INTERRUPTS, GptexpError, Terminated
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable); the value is read as a YAML scalar")
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_ID", help="an MLflow run made by gptexp train")
+    src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint folder (or a run's checkpoints/ folder)")
+    p.add_argument("--which", choices=("last", "best"), default="last", help="with --run: which checkpoint (default last)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptexp",
+        description="Pretrain GPT-2-style models as in chapter 5 of 'Build a Large Language Model (From Scratch)', "
+                    "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a model (one MLflow run), or resume a run")
+    p.add_argument("--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint (same run)")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
+    p.add_argument("--run-name", metavar="NAME", help="MLflow run name")
+    _add_set(p)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on both splits")
+    _add_source(p)
+    p.add_argument("--no-track", action="store_true", help="do not record the evaluation as an MLflow run")
+    _add_set(p)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    _add_source(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--seed", type=int, default=123, metavar="S")
+
+    p = sub.add_parser("bench", help="measure gptexp against the book's implementation")
+    try:
+        from . import bench
+        bench.add_arguments(p)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # MLflow's store-migration notices and artifact progress bars drown the training log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    def _terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    from .runner import NonFiniteLoss
+
+    try:
+        return COMMANDS[args.command](args)
+    except GptexpError as exc:
+        print(f"gptexp: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as exc:
+        print(f"gptexp: training failed: {exc}", file=sys.stderr)
+        return 1
+    except INTERRUPTS:
+        print("gptexp: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from . import jobs
+    from .config import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise GptexpError("--resume continues a run with its recorded config: drop --config and --set")
+        outcome = jobs.resume(args.resume)
+    else:
+        if not args.config:
+            raise GptexpError("train needs --config PATH (e.g. configs/tiny.yaml) or --resume RUN_ID")
+        config = load_config(args.config, args.overrides)
+        outcome = jobs.train(config, experiment=args.experiment, run_name=args.run_name)
+    last = outcome.result.epochs[-1] if outcome.result.epochs else None
+    summary = f"run {outcome.run_id} finished"
+    if last is not None:
+        summary += f": epoch_val_loss {last.val_loss:.4f} (ppl {last.val_ppl:.2f}) after epoch {last.epoch}"
+    print(summary)
+    return 0
+
+
+def _load_for_inference(args, overrides=()):
+    """(model, config, source description) from --run/--checkpoint."""
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .config import apply_overrides, from_dict, read_yaml
+
+    if args.run:
+        from .jobs import run_checkpoint
+        from .tracking import get_client
+
+        folder = run_checkpoint(get_client(), args.run, args.which)
+        source = f"run {args.run} ({folder.name})"
+    else:
+        folder = ckpt.resolve_checkpoint_path(Path(args.checkpoint))
+        source = str(folder)
+    config_path = folder / ckpt.RUN_CONFIG
+    # A folder made outside `train` (e.g. imported weights) has only the model config.
+    raw = read_yaml(config_path) if config_path.is_file() else {"model": ckpt.load_model_config(folder)}
+    config = from_dict(apply_overrides(raw, list(overrides)), origin=str(config_path))
+    model = ckpt.load_model(folder, impl=config.model.impl)
+    return model, config, folder, source
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_split
+    from .jobs import preflight
+    from .runtime import resolve_runtime
+
+    model, config, folder, source = _load_for_inference(args, args.overrides)
+    data = preflight(config)
+    rt = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
+    model.to(rt.device)
+    ctx, bs = config.model.context_length, config.train.eval_batch_size
+    with rt.autocast():
+        rows = [("train", evaluate_split(model, data.train_ids, ctx, rt.device, bs, name="train split")),
+                ("validation", evaluate_split(model, data.val_ids, ctx, rt.device, bs, name="validation split"))]
+    print(f"{source} on {data.corpus.name} ({rt.device}, {rt.precision})")
+    print(f"{'split':<12}{'loss':>10}{'ppl':>12}{'tokens':>10}")
+    for name, r in rows:
+        print(f"{name:<12}{r.loss:>10.4f}{r.ppl:>12.2f}{r.tokens:>10}")
+    if not args.no_track:
+        _track_eval(config, args, folder, data, rows)
+    return 0
+
+
+def _track_eval(config, args, folder, data, rows) -> None:
+    from .tracking import TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run
+
+    client = get_client()
+    tags = {TAG_JOB: "eval", "gptexp.checkpoint": str(folder), "gptexp.corpus_sha256": data.corpus.sha256}
+    if args.run:
+        tags["gptexp.source_run"] = args.run
+    with tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
+        log_flat_params(client, run_id, run_params(config))
+        values = {}
+        for name, r in rows:
+            short = "train" if name == "train" else "val"
+            values[f"eval_{short}_loss"], values[f"eval_{short}_ppl"] = r.loss, r.ppl
+        log_metrics(client, run_id, values, step=0)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .generation import generate, text_to_token_ids, token_ids_to_text
+    from .tokenizer import get_tokenizer
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise GptexpError("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
+    model, config, _, _ = _load_for_inference(args)
+    tokenizer = get_tokenizer("gpt2")
+    torch.manual_seed(args.seed)
+    idx = text_to_token_ids(args.prompt, tokenizer)
+    top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
+    out = generate(model, idx, args.max_new_tokens, context_size=config.model.context_length,
+                   temperature=args.temperature, top_k=top_k)
+    print(token_ids_to_text(out, tokenizer))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Where and how a job computes: device, precision (autocast), threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GptexpError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda > mps > cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GptexpError(f"train.device is {name} but CUDA is not available here: use train.device=auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GptexpError("train.device is mps but MPS is not available here: use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware here (CPUs without it emulate bf16 ~100x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise GptexpError(f"train.precision fp16 needs CUDA (device is {device.type}): use bf16, fp32 or auto")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def physical_cores() -> int:
+    """Cores this process may use, counting SMT siblings once where the topology says so."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_threads(threads: int) -> int:
+    """torch intra-op threads: `threads`, or one per physical core when 0. Returns the count."""
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # resolved: fp32 | bf16 | fp16
+    threads: int
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+
+def resolve_runtime(device: str, precision: str, threads: int) -> Runtime:
+    dev = resolve_device(device)
+    return Runtime(dev, resolve_precision(precision, dev), set_threads(threads))

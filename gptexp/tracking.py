@@ -1,0 +1,275 @@
+"""MLflow: where runs live, how a run starts and ends, and the subscriber that records a run.
+
+Every job is one MLflow run. The names below are the product's (dashboards depend on them):
+per-epoch `epoch_train_loss`, `epoch_val_loss`, `epoch_train_ppl`, `epoch_val_ppl`,
+`tokens_per_sec` (step = epoch, from 1); at the book's eval cadence `train_loss`, `val_loss`,
+`tokens_seen`, `lr` (step = global step, from 0); artifacts `samples/`, `checkpoints/`,
+`plots/`, `config/`, `environment/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .errors import INTERRUPTS, GptexpError
+from .provenance import environment_tags, git_state, pip_freeze, redact
+from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
+
+DEFAULT_EXPERIMENT = "gptexp"
+# Run tags of our own, next to MLflow's mlflow.* ones.
+TAG_ERROR = "gptexp.error"
+TAG_STOP = "gptexp.stop_reason"
+TAG_JOB = "gptexp.job"
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the project's SQLite store mlruns/mlflow.db (MLflow 3 refuses the file store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path("mlruns").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):])).parent
+
+
+def get_client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as exc:
+        raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({_one_line(exc)}): "
+                          "check MLFLOW_TRACKING_URI") from None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "experiment"
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise GptexpError(f"experiment {name!r} is deleted in {redact(client.tracking_uri)}: "
+                              "restore it in the MLflow UI or pick another --experiment")
+        return exp.experiment_id
+    location = None
+    store_dir = _sqlite_dir(client.tracking_uri)
+    if store_dir is not None:
+        # Otherwise MLflow puts artifacts under ./mlruns of whatever folder the job ran in.
+        location = (store_dir / "artifacts" / _slug(name)).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # another worker created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def local_artifact_dir(client, run_id: str) -> Path | None:
+    """The run's artifact folder when it is on this file system, else None."""
+    uri = client.get_run(run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
+def get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise GptexpError(f"no run {run_id!r} in the MLflow store {redact(client.tracking_uri)}: "
+                          "check the id (and MLFLOW_TRACKING_URI)") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: dict | None = None,
+                parent_run_id: str | None = None, resume_run_id: str | None = None):
+    """Create (or reopen) a run; yield its id; end it with the status that tells the truth.
+
+    FINISHED when the body returns; KILLED on Ctrl-C/SIGTERM or a subscriber's StopTraining
+    (its reason in gptexp.stop_reason); FAILED on any other exception (its message in gptexp.error).
+    """
+    if resume_run_id is not None:
+        run_id = resume_run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        all_tags = dict(tags or {})
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+    try:
+        yield run_id
+    except StopTraining as exc:
+        _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
+        raise
+    except INTERRUPTS:
+        _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
+        raise
+    except BaseException as exc:
+        _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
+        raise
+    _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+
+
+def _end(client, run_id: str, status: str, tags: dict) -> None:
+    # A store that fails here must not hide the exception that ended the run.
+    with contextlib.suppress(Exception):
+        for k, v in tags.items():
+            client.set_tag(run_id, k, redact(v)[:5000])
+    with contextlib.suppress(Exception):
+        client.set_terminated(run_id, status=status)
+
+
+def log_flat_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, values: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def run_params(config) -> dict:
+    """The whole resolved config, flattened; data.stride as the absolute stride used."""
+    params = config.flat()
+    params["data.stride"] = config.stride
+    return params
+
+
+class MlflowLogger(Callback):
+    """Records a training run: params, tags, inputs, metrics, samples, plots and checkpoints."""
+
+    def __init__(self, client, run_id: str, *, upload_checkpoints: bool = False):
+        self.client = client
+        self.run_id = run_id
+        self.upload_checkpoints = upload_checkpoints
+        self._evals: list[EvalEvent] = []
+        self._epochs: list[EpochEvent] = []
+        self._steps_per_epoch = 1
+
+    def on_start(self, event: StartEvent) -> None:
+        c, rid = self.client, self.run_id
+        cfg = event.config
+        self._steps_per_epoch = max(1, len(event.data.train_loader))
+        log_flat_params(c, rid, run_params(cfg))
+        git = git_state()
+        tags = environment_tags(event.runtime.device, event.runtime.precision, event.runtime.threads)
+        tags.update({
+            TAG_JOB: "train",
+            "gptexp.impl": cfg.model.impl,
+            "gptexp.num_parameters": str(event.model.num_parameters()),
+            "gptexp.corpus": redact(event.data.corpus.name),
+            "gptexp.corpus_sha256": event.data.corpus.sha256,
+            "gptexp.git_dirty": str(git.dirty).lower(),
+        })
+        if git.commit:
+            tags["mlflow.source.git.commit"] = git.commit
+        for k, v in tags.items():
+            c.set_tag(rid, k, v)
+        if event.resumed:
+            c.set_tag(rid, "gptexp.resumed_from_epoch", str(event.start_epoch))
+            return
+        c.log_text(rid, cfg.to_yaml(), "config/config.yaml")
+        c.log_text(rid, pip_freeze(), "environment/pip-freeze.txt")
+        if git.diff:
+            c.log_text(rid, git.diff, "environment/git-diff.patch")
+        self._log_dataset(event)
+
+    def _log_dataset(self, event: StartEvent) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        corpus, data = event.data.corpus, event.data
+        source = {"uri": redact(corpus.name), "files": [str(f) for f in corpus.files]}
+        profile = {
+            "sha256": corpus.sha256,
+            "characters": len(corpus.text),
+            "train_tokens": int(len(data.train_ids)),
+            "validation_tokens": int(len(data.val_ids)),
+            "train_ratio": event.config.data.train_ratio,
+        }
+        # MLflow stores at most 36 characters of digest; the full sha256 is in the profile and a tag.
+        dataset = Dataset(name=redact(corpus.name), digest=corpus.sha256[:36], source_type="local",
+                          source=json.dumps(source), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def on_eval(self, event: EvalEvent) -> None:
+        self._evals.append(event)
+        log_metrics(self.client, self.run_id, {
+            "train_loss": event.train_loss, "val_loss": event.val_loss,
+            "tokens_seen": event.tokens_seen, "lr": event.lr,
+        }, step=event.global_step)
+
+    def on_epoch_end(self, event: EpochEvent) -> None:
+        c, rid = self.client, self.run_id
+        self._epochs.append(event)
+        log_metrics(c, rid, {
+            "epoch_train_loss": event.train_loss, "epoch_val_loss": event.val_loss,
+            "epoch_train_ppl": event.train_ppl, "epoch_val_ppl": event.val_ppl,
+            "tokens_per_sec": event.tokens_per_sec,
+        }, step=event.epoch)
+        c.log_table(rid, {"epoch": [event.epoch], "global_step": [event.global_step],
+                          "prompt": [event.prompt], "completion": [event.completion]},
+                    "samples/samples.json")
+        c.log_text(rid, event.prompt + event.completion + "\n", f"samples/epoch-{event.epoch:03d}.txt")
+        self._plot()
+
+    def _plot(self) -> None:
+        from .plots import plot_losses
+
+        fig = plot_losses(self._evals, self._epochs, self._steps_per_epoch)
+        try:
+            self.client.log_figure(self.run_id, fig, "plots/loss.png")
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def on_checkpoint(self, event: CheckpointEvent) -> None:
+        if self.upload_checkpoints:
+            self.client.log_artifacts(self.run_id, str(event.path), f"checkpoints/{event.path.name}")
+            self.client.log_artifact(self.run_id, str(event.root / "index.json"), "checkpoints")
+
+
+def checkpoint_root(client, run_id: str) -> tuple[Path, bool]:
+    """Where the runner writes checkpoints: straight into a local artifact folder (atomic
+    renames there), else a temp folder whose epochs the logger uploads. Returns (root, upload)."""
+    local = local_artifact_dir(client, run_id)
+    if local is not None:
+        return local / "checkpoints", False
+    return Path(tempfile.mkdtemp(prefix="gptexp-ckpt-")) / "checkpoints", True

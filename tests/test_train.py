@@ -1,0 +1,224 @@
+"""`gptexp train`: one MLflow run per job, with the product's metric names, artifacts and statuses."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, cli_env
+from gptexp import jobs
+from gptexp.cli import main
+from gptexp.config import load_config
+from gptexp.tracking import local_artifact_dir
+
+TWO_EPOCHS = ["--set", "train.num_epochs=2"]
+
+
+def metric_history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def runs_in(client, status=None):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+@pytest.fixture(scope="module")
+def finished_run(mlflow_store):
+    """One 2-epoch run of the tiny preset through the CLI; (client, run_id)."""
+    code = main(["train", "--config", str(TINY), *TWO_EPOCHS, "--experiment", "train-tests"])
+    assert code == 0
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])
+    return client, run.info.run_id
+
+
+def test_a_two_epoch_run_finishes_with_per_epoch_metrics_at_steps_1_and_2(finished_run):
+    client, run_id = finished_run
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in ("epoch_train_loss", "epoch_val_loss", "epoch_train_ppl", "epoch_val_ppl", "tokens_per_sec"):
+        assert [s for s, _ in metric_history(client, run_id, key)] == [1, 2], key
+    for split in ("train", "val"):
+        losses = metric_history(client, run_id, f"epoch_{split}_loss")
+        ppls = metric_history(client, run_id, f"epoch_{split}_ppl")
+        assert [p for _, p in ppls] == pytest.approx([math.exp(v) for _, v in losses], rel=1e-9)
+
+
+def test_periodic_metrics_follow_the_books_eval_cadence_from_step_0(finished_run):
+    client, run_id = finished_run
+    # 9 steps an epoch (the train split's 64-token windows at batch 8): global steps 0..17, every 5th.
+    steps = [s for s, _ in metric_history(client, run_id, "val_loss")]
+    assert steps == [0, 5, 10, 15]
+    tokens = metric_history(client, run_id, "tokens_seen")
+    assert [(s, v) for s, v in tokens][:2] == [(0, 8 * 64), (5, 6 * 8 * 64)]
+    assert {s for s, _ in metric_history(client, run_id, "lr")} == set(steps)
+
+
+def test_params_hold_every_config_key_and_the_absolute_stride(finished_run):
+    client, run_id = finished_run
+    params = client.get_run(run_id).data.params
+    config = load_config(TINY, ["train.num_epochs=2"])
+    assert set(config.flat()) <= set(params)
+    assert params["train.num_epochs"] == "2"
+    assert params["data.stride"] == "64"  # null in the preset: the context length
+
+
+def test_samples_table_has_a_row_per_epoch_and_text_files(finished_run):
+    client, run_id = finished_run
+    folder = local_artifact_dir(client, run_id)
+    import json
+
+    table = json.loads((folder / "samples" / "samples.json").read_text())
+    assert table["columns"] == ["epoch", "global_step", "prompt", "completion"]
+    assert [row[0] for row in table["data"]] == [1, 2]
+    assert all(row[2] == "Every effort moves you" for row in table["data"])
+    assert (folder / "samples" / "epoch-002.txt").read_text().startswith("Every effort moves you")
+
+
+def test_artifacts_plots_config_checkpoints_and_the_corpus_input(finished_run):
+    client, run_id = finished_run
+    folder = local_artifact_dir(client, run_id)
+    assert (folder / "plots" / "loss.png").stat().st_size > 1000
+    assert load_config(folder / "config" / "config.yaml") == load_config(TINY, ["train.num_epochs=2"])
+    ckpts = folder / "checkpoints"
+    assert {p.name for p in ckpts.iterdir()} >= {"index.json", "epoch-0002"}
+    assert {"model.safetensors", "model_config.json", "state.pt", "config.yaml"} <= {p.name for p in (ckpts / "epoch-0002").iterdir()}
+    run = client.get_run(run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "the-verdict"
+    assert "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f" in inp.dataset.profile
+    tags = run.data.tags
+    assert tags["gptexp.precision"] == "fp32" and tags["gptexp.device"] == "cpu"
+    assert tags["gptexp.torch_version"] and tags["gptexp.git_dirty"] in ("true", "false")
+
+
+def test_eval_of_the_runs_checkpoint_reproduces_the_logged_final_val_loss(finished_run, capsys):
+    client, run_id = finished_run
+    logged = client.get_run(run_id).data.metrics["epoch_val_loss"]
+    capsys.readouterr()
+    assert main(["eval", "--run", run_id, "--no-track"]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("validation")]
+    assert float(line.split()[1]) == pytest.approx(logged, abs=5e-5)  # the table prints 4 decimals
+    folder = jobs.run_checkpoint(client, run_id, "last")
+    from gptexp.checkpoint import load_model
+    from gptexp.evaluation import evaluate_split
+    from gptexp.splits import prepare_data
+
+    config = load_config(folder / "config.yaml")
+    exact = evaluate_split(load_model(folder), prepare_data(config).val_ids, 64, "cpu", 8).loss
+    assert exact == logged  # bit for bit
+
+
+def test_generate_continues_a_prompt_from_a_run(finished_run, capsys):
+    _, run_id = finished_run
+    capsys.readouterr()
+    assert main(["generate", "--run", run_id, "--prompt", "Every effort", "--max-new-tokens", "5",
+                 "--temperature", "1.0", "--top-k", "10", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort")
+
+
+def _wait_for(predicate, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_after_the_first_epoch_then_resume_gives_the_uninterrupted_metrics(finished_run, mlflow_store):
+    client, reference = finished_run
+    exp = "resume-tests"
+    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "train", "--config", str(TINY), *TWO_EPOCHS,
+                             "--experiment", exp], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def first_checkpoint():
+            e = client.get_experiment_by_name(exp)
+            runs = client.search_runs([e.experiment_id]) if e else []
+            if not runs:
+                return False
+            folder = local_artifact_dir(client, runs[0].info.run_id)
+            return (folder / "checkpoints" / "index.json").exists()
+
+        assert _wait_for(first_checkpoint, 240, proc), "no checkpoint appeared"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to end it: resume does
+    assert main(["train", "--resume", run_id]) == 0
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name(exp).experiment_id])) == 1
+    want = client.get_run(reference).data.metrics
+    for key in ("epoch_train_loss", "epoch_val_loss", "epoch_train_ppl", "epoch_val_ppl", "val_loss", "train_loss",
+                "tokens_seen"):
+        assert resumed.data.metrics[key] == want[key], key  # bit for bit
+    assert [v for _, v in metric_history(client, run_id, "epoch_val_loss")][-1] == want["epoch_val_loss"]
+
+
+def test_resume_of_an_unknown_run_or_a_finished_one_is_one_line_exit_2(finished_run, capsys):
+    _, run_id = finished_run
+    capsys.readouterr()
+    assert main(["train", "--resume", "0123456789abcdef"]) == 2
+    err = capsys.readouterr().err
+    assert "no run '0123456789abcdef'" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--resume", run_id]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_nan_in_training_ends_the_run_failed_naming_the_step(mlflow_store):
+    import torch
+
+    from gptexp.runner import Callback, NonFiniteLoss
+
+    class PoisonAtStep3(Callback):
+        def on_start(self, event):
+            self.model = event.model
+
+        def on_step(self, event):
+            if event.global_step == 3:
+                with torch.no_grad():
+                    self.model.final_norm.scale.fill_(float("nan"))
+
+    config = load_config(TINY, ["train.num_epochs=1"])
+    with pytest.raises(NonFiniteLoss, match="at step 4"):
+        jobs.train(config, experiment="nan-tests", callbacks=[PoisonAtStep3()], console=False)
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("nan-tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "at step 4" in run.data.tags["gptexp.error"]
+
+
+def test_sigterm_ends_the_run_killed(mlflow_store):
+    client = MlflowClient(mlflow_store)
+    exp = "sigterm-tests"
+    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "train", "--config", str(TINY), "--experiment", exp],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def started():
+        e = client.get_experiment_by_name(exp)
+        return bool(e and client.search_runs([e.experiment_id]))
+
+    assert _wait_for(started, 120, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    assert run.info.status == "KILLED"
