@@ -33,11 +33,16 @@ clean: ## remove the environment, caches and build outputs (not mlruns/ or data/
 
 PORT ?= 5000
 CONFIG ?= configs/gpt2-124m.yaml
+SWEEP ?= configs/sweep.yaml
+SWEEP_ARGS ?=
 
-.PHONY: train ui
+.PHONY: train sweep ui
 
 train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tracked in MLflow
 	$(VENV)/bin/gptexp train --config $(CONFIG)
+
+sweep: $(STAMP) ## the default Optuna sweep (SWEEP=configs/sweep.yaml, SWEEP_ARGS="--workers 2 ..."), nested MLflow runs
+	$(VENV)/bin/gptexp sweep --config $(SWEEP) $(SWEEP_ARGS)
 
 ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5000; PORT=... to change)
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \

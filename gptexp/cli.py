@@ -7,6 +7,7 @@ exits 130 with the MLflow run marked KILLED.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ import sys
 from .errors import INTERRUPTS, GptexpError, Terminated
 
 EXIT_BAD_INPUT = 2
+# Modules that add their own subcommands: each has register(subparsers), setting func=... on its parsers.
+COMMAND_MODULES = ("sweep", "experiments", "report", "bench")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model (one MLflow run), or resume a run")
+    p.set_defaults(func=cmd_train)
     p.add_argument("--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint (same run)")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
@@ -45,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on both splits")
+    p.set_defaults(func=cmd_eval)
     _add_source(p)
     p.add_argument("--no-track", action="store_true", help="do not record the evaluation as an MLflow run")
     _add_set(p)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.set_defaults(func=cmd_generate)
     _add_source(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N")
@@ -57,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, metavar="K")
     p.add_argument("--seed", type=int, default=123, metavar="S")
 
-    p = sub.add_parser("bench", help="measure gptexp against the book's implementation")
-    try:
-        from . import bench
-        bench.add_arguments(p)
-    except ImportError:
-        pass
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"gptexp.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"gptexp.{name}":
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import NonFiniteLoss
 
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except GptexpError as exc:
         print(f"gptexp: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -194,13 +202,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from . import bench
-
-    return bench.main(args)
-
-
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ class DataConfig:
     train_ratio: float = 0.9
     # Window stride of the training loader; null means the context length (the book's setting).
     stride: int | None = None
+    # The stride as a fraction of the context length, so a sweep over context lengths keeps its
+    # meaning; exclusive with `stride`.
+    stride_fraction: float | None = None
 
 
 @dataclass
@@ -99,7 +102,12 @@ class Config:
 
     @property
     def stride(self) -> int:
-        return self.data.stride if self.data.stride is not None else self.model.context_length
+        """The absolute training stride: data.stride, else stride_fraction x context, else the context."""
+        if self.data.stride is not None:
+            return self.data.stride
+        if self.data.stride_fraction is not None:
+            return max(1, round(self.data.stride_fraction * self.model.context_length))
+        return self.model.context_length
 
     def model_cfg(self) -> dict:
         """The book's GPT_CONFIG dict (plus impl) for GPTModel."""
@@ -221,6 +229,10 @@ def validate(cfg: Config) -> None:
     _check(bool(d.source.strip()), "data.source is empty: give a registry name, a .txt file or a folder of .txt files")
     _check(0.0 < d.train_ratio < 1.0, f"data.train_ratio must be in (0, 1) (got {d.train_ratio})")
     _check(d.stride is None or d.stride >= 1, f"data.stride must be at least 1 (got {d.stride})")
+    _check(d.stride_fraction is None or 0 < d.stride_fraction <= 1,
+           f"data.stride_fraction must be in (0, 1] (got {d.stride_fraction})")
+    _check(d.stride is None or d.stride_fraction is None,
+           "data.stride and data.stride_fraction are both set: keep one (set the other to null)")
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1 (got {t.batch_size})")
     _check(t.num_epochs >= 1, f"train.num_epochs must be at least 1 (got {t.num_epochs})")
     for key in ("lr", "initial_lr", "min_lr"):
@@ -258,21 +270,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """raw['train']['lr'] = value for dotted 'train.lr' (unknown keys are caught by from_dict)."""
+    path = dotted.split(".")
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """A copy of the nested dict `raw` with each KEY=VALUE set (unknown keys are caught by from_dict)."""
+    """A copy of the nested dict `raw` with each KEY=VALUE set."""
     out = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_dotted(out, ".".join(path), value)
     return out
+
+
+def config_keys() -> list[str]:
+    """Every dotted key a config has ('model.context_length', ..., 'experiment')."""
+    return list(Config().flat())
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, from_dict
@@ -17,7 +18,7 @@ from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
 from .runtime import resolve_device, resolve_precision
 from .splits import Splits, prepare_data
-from .tracking import (MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
+from .tracking import (TAG_JOB, MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
                        tracked_run)
 
 
@@ -35,11 +36,16 @@ def preflight(config: Config, data: Splits | None = None) -> Splits:
 
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
           tags: dict | None = None, parent_run_id: str | None = None, callbacks: list[Callback] = (),
-          data: Splits | None = None, client=None, console: bool = True) -> TrainOutcome:
+          data: Splits | None = None, client=None, console: bool = True,
+          on_created: Callable[[str], None] | None = None) -> TrainOutcome:
+    """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists."""
     data = preflight(config, data)
     client = client or get_client()
     experiment = experiment or config.experiment
+    tags = {TAG_JOB: "train", **(tags or {})}
     with tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
+        if on_created is not None:
+            on_created(run_id)
         root, upload = checkpoint_root(client, run_id)
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
@@ -102,7 +108,7 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
         raise GptexpError(f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
                           "or used checkpoint.keep=none): start a new run instead")
     done = int(ckpt.load_state(folder)["epoch"])
-    if done >= config.train.num_epochs:
+    if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
     data = preflight(config)

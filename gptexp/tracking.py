@@ -191,7 +191,6 @@ class MlflowLogger(Callback):
         git = git_state()
         tags = environment_tags(event.runtime.device, event.runtime.precision, event.runtime.threads)
         tags.update({
-            TAG_JOB: "train",
             "gptexp.impl": cfg.model.impl,
             "gptexp.num_parameters": str(event.model.num_parameters()),
             "gptexp.corpus": redact(event.data.corpus.name),
@@ -204,12 +203,27 @@ class MlflowLogger(Callback):
             c.set_tag(rid, k, v)
         if event.resumed:
             c.set_tag(rid, "gptexp.resumed_from_epoch", str(event.start_epoch))
+            self._reload_history(event.start_epoch)
             return
         c.log_text(rid, cfg.to_yaml(), "config/config.yaml")
         c.log_text(rid, pip_freeze(), "environment/pip-freeze.txt")
         if git.diff:
             c.log_text(rid, git.diff, "environment/git-diff.patch")
         self._log_dataset(event)
+
+    def _reload_history(self, epochs_done: int) -> None:
+        """The losses logged before the interruption, so the plot of a resumed run is whole."""
+        def history(key):
+            return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+
+        train, val, seen, lr = (history(k) for k in ("train_loss", "val_loss", "tokens_seen", "lr"))
+        steps = sorted(s for s in val if s in train)
+        epoch_of = lambda s: s // self._steps_per_epoch + 1  # noqa: E731
+        self._evals = [EvalEvent(epoch_of(s), s, train[s], val[s], int(seen.get(s, 0)), lr.get(s, 0.0))
+                       for s in steps if epoch_of(s) <= epochs_done]
+        etrain, eval_ = history("epoch_train_loss"), history("epoch_val_loss")
+        self._epochs = [EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
+                        for e in sorted(eval_) if e in etrain and e <= epochs_done]
 
     def _log_dataset(self, event: StartEvent) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag

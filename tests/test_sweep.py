@@ -1,0 +1,278 @@
+"""`gptexp sweep`: Optuna trials as nested MLflow runs that tell the truth, resumable and parallel.
+
+Real Optuna storage (SQLite, PostgreSQL), real MLflow store, the tiny preset on a short slice of
+the-verdict so that a trial takes a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY, cli_env
+from gptexp import jobs
+from gptexp.cli import main
+from gptexp.config import load_config
+
+STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, verdict_text):
+    path = tmp_path_factory.mktemp("corpus") / "verdict-head.txt"
+    path.write_text(verdict_text[:7000], encoding="utf-8")
+    return path
+
+
+def write_spec(tmp_path, corpus, name="spec.yaml", **changes):
+    spec = {
+        "study": "s",
+        "experiment": "sweep-tests",
+        "base": {"config": str(TINY), "overrides": {"train.num_epochs": 2, "data.source": str(corpus),
+                                                    "sample.max_new_tokens": 5}},
+        "sampler": {"name": "tpe", "seed": 7},
+        "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+        "n_trials": 6,
+        "space": {
+            "model.context_length": {"type": "categorical", "choices": [16, 32]},
+            "data.stride_fraction": {"type": "categorical", "choices": [0.5, 1.0]},
+            "train.batch_size": {"type": "categorical", "choices": [4, 8]},
+            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        },
+        "heartbeat": {"interval": 1, "grace": 4},
+    }
+    spec.update(changes)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep(spec, storage, *extra):
+    return main(["sweep", "--config", str(spec), "--storage", storage, *extra])
+
+
+def mlflow_runs(client, study):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`gptexp.study` = '{study}'")
+    parents = [r for r in runs if r.data.tags.get("gptexp.job") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("gptexp.job") == "trial"]
+    return parents, children
+
+
+def assert_children_tell_the_truth(study, children):
+    by_number = {int(r.data.tags["gptexp.trial"]): r for r in children}
+    assert len(by_number) == len(children)  # one child per trial
+    for t in study.trials:
+        child = by_number[t.number]
+        assert child.info.status == STATUS_OF[t.state.name], t.number
+        assert child.data.tags["optuna.state"] == t.state.name
+        assert child.data.tags["mlflow.parentRunId"]
+    assert set(by_number) == {t.number for t in study.trials}
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory, corpus, mlflow_store):
+    tmp = tmp_path_factory.mktemp("six")
+    spec = write_spec(tmp, corpus, study="six")
+    storage = f"sqlite:///{tmp}/optuna.db"
+    assert sweep(spec, storage) == 0
+    return spec, storage
+
+
+def test_six_trials_make_one_parent_and_six_children_whose_states_match(six, mlflow_store):
+    spec, storage = six
+    study = optuna.load_study(study_name="six", storage=storage)
+    assert len(study.trials) == 6
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    client = MlflowClient(mlflow_store)
+    parents, children = mlflow_runs(client, "six")
+    assert len(parents) == 1 and len(children) == 6
+    assert parents[0].info.status == "FINISHED"
+    assert_children_tell_the_truth(study, children)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        params = child.data.params
+        assert int(params["data.stride"]) == max(1, round(float(params["data.stride_fraction"]) * int(params["model.context_length"])))
+        assert {"train.lr", "train.batch_size", "model.emb_dim", "data.source"} <= set(params)
+
+
+def test_the_parent_holds_best_value_trials_table_plots_and_best_config(six, mlflow_store):
+    spec, storage = six
+    study = optuna.load_study(study_name="six", storage=storage)
+    client = MlflowClient(mlflow_store)
+    (parent,), _ = mlflow_runs(client, "six")
+    assert parent.data.metrics["best_value"] == study.best_value
+    assert parent.data.tags["best.trial"] == str(study.best_trial.number)
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= names
+    trials_csv = client.download_artifacts(parent.info.run_id, "trials/trials.csv")
+    assert len(open(trials_csv).read().strip().splitlines()) == 7
+
+
+def test_the_exported_best_config_retrains_to_the_best_trials_value(six, mlflow_store):
+    spec, storage = six
+    study = optuna.load_study(study_name="six", storage=storage)
+    client = MlflowClient(mlflow_store)
+    (parent,), _ = mlflow_runs(client, "six")
+    path = client.download_artifacts(parent.info.run_id, "best/config.yaml")
+    config = load_config(path)  # what `gptexp train --config` accepts
+    outcome = jobs.train(config, experiment="retrain-best", console=False)
+    assert min(e.val_loss for e in outcome.result.epochs) == study.best_value  # CPU fp32: bit for bit
+
+
+def test_the_same_command_with_more_trials_resumes_the_study_under_the_same_parent(six, mlflow_store):
+    spec, storage = six
+    assert sweep(spec, storage, "--n-trials", "8") == 0
+    study = optuna.load_study(study_name="six", storage=storage)
+    assert len(study.trials) == 8
+    parents, children = mlflow_runs(MlflowClient(mlflow_store), "six")
+    assert len(parents) == 1 and len(children) == 8
+    assert_children_tell_the_truth(study, children)
+
+
+def test_two_workers_run_every_trial_exactly_once(tmp_path, corpus, mlflow_store):
+    spec = write_spec(tmp_path, corpus, study="workers", n_trials=4)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert sweep(spec, storage, "--workers", "2") == 0
+    study = optuna.load_study(study_name="workers", storage=storage)
+    assert len(study.trials) == 4
+    assert not [t for t in study.trials if t.state == TrialState.FAIL]
+    parents, children = mlflow_runs(MlflowClient(mlflow_store), "workers")
+    assert len(parents) == 1 and len(children) == 4
+    assert_children_tell_the_truth(study, children)
+    assert {c.data.params["train.threads"] for c in children} == {"1"}  # 2 workers x 1 thread on 2 cores
+
+
+def test_a_sweep_killed_mid_way_resumes_with_nothing_left_running(tmp_path, corpus, mlflow_store):
+    spec = write_spec(tmp_path, corpus, study="killed")
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # kill the whole sweep once two trials are done and a third runs
+            if line.startswith("trial 1:"):
+                time.sleep(1.5)
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert any(t.state == TrialState.RUNNING for t in study.trials)
+
+    assert sweep(spec, storage) == 0
+    study = optuna.load_study(study_name="killed", storage=storage)
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 6
+    parents, children = mlflow_runs(MlflowClient(mlflow_store), "killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    assert_children_tell_the_truth(study, children)
+    stale = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(stale) == 1  # the killed trial, failed by heartbeat ...
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == stale[0].number]
+    assert len(retried) == 1  # ... and retried once
+
+
+def test_a_failing_trial_fails_alone_and_the_sweep_goes_on(tmp_path, corpus, mlflow_store):
+    # The first trial (enqueued) diverges at once: a NaN loss fails it, alone.
+    space = {"train.lr": {"type": "categorical", "choices": [1e12, 1e-3, 2e-3]}}
+    spec = write_spec(tmp_path, corpus, study="failing", space=space, n_trials=2, pruner={"name": "none"},
+                      enqueue=[{"train.lr": 1e12}])
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert sweep(spec, storage) == 0
+    study = optuna.load_study(study_name="failing", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 2
+    parents, children = mlflow_runs(MlflowClient(mlflow_store), "failing")
+    assert_children_tell_the_truth(study, children)
+    failed = [c for c in children if c.data.tags["gptexp.trial"] == "0"]
+    assert failed[0].info.status == "FAILED" and "NonFiniteLoss" in failed[0].data.tags["gptexp.error"]
+
+
+def test_a_postgresql_storage_works_and_its_password_is_never_logged(tmp_path, corpus, mlflow_store):
+    study_name = f"pg-{uuid.uuid4().hex[:8]}"
+    # The local server trusts loopback connections, so any password is accepted: a fine secret to hunt for.
+    storage = "postgresql://postgres:s3cr3t-pw@127.0.0.1:5432/test"
+    spec = write_spec(tmp_path, corpus, study=study_name, n_trials=2)
+    try:
+        assert sweep(spec, storage) == 0
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        assert len(study.trials) == 2
+        client = MlflowClient(mlflow_store)
+        parents, children = mlflow_runs(client, study_name)
+        assert len(parents) == 1 and len(children) == 2
+        for run in parents + children:
+            for value in list(run.data.params.values()) + list(run.data.tags.values()):
+                assert "s3cr3t-pw" not in value
+        assert parents[0].data.tags["optuna.storage"] == "postgresql://postgres:***@127.0.0.1:5432/test"
+    finally:
+        optuna.delete_study(study_name=study_name, storage=storage)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}}, "space.train.learning_rate is not a config key"),
+    ({"space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "empty range"),
+    ({"space": {"train.batch_size": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
+    ({"sampler": {"name": "annealing"}}, "sampler 'annealing' is unknown"),
+    ({"pruner": {"name": "patient"}}, "pruner 'patient' is unknown"),
+    ({"bogus": 1}, "unknown key(s) bogus"),
+    ({"enqueue": [{"train.weight_decay": 0.0}]}, "enqueue point names train.weight_decay"),
+])
+def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, change, expected, capsys):
+    spec = write_spec(tmp_path, corpus, study="bad", **change)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    capsys.readouterr()
+    assert sweep(spec, storage) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage)
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis"])
+def test_journal_storages_on_a_file_and_on_redis_run_a_study(tmp_path, corpus, mlflow_store, kind):
+    study_name = f"{kind}-{uuid.uuid4().hex[:8]}"
+    storage = f"journal://{tmp_path}/journal.log" if kind == "journal" else "redis://127.0.0.1:6379/0"
+    spec = write_spec(tmp_path, corpus, study=study_name, n_trials=1)
+    assert sweep(spec, storage) == 0
+    from gptexp.sweep import load_spec, open_storage
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage, load_spec(spec)))
+    try:
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+        parents, children = mlflow_runs(MlflowClient(mlflow_store), study_name)
+        assert len(parents) == 1 and len(children) == 1
+    finally:
+        optuna.delete_study(study_name=study_name, storage=study._storage)
+
+
+def test_an_unreachable_storage_is_one_line_exit_2(tmp_path, corpus, capsys):
+    spec = write_spec(tmp_path, corpus, study="nowhere")
+    capsys.readouterr()
+    assert sweep(spec, "postgresql://u:hunter2@127.0.0.1:1/nowhere") == 2
+    err = capsys.readouterr().err
+    assert "cannot open Optuna storage postgresql://u:***@127.0.0.1:1/nowhere" in err
+    assert "hunter2" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_grid_sweep_stops_once_every_grid_point_is_tried(tmp_path, corpus, mlflow_store):
+    space = {"train.lr": {"type": "categorical", "choices": [1e-3, 2e-3]}}
+    spec = write_spec(tmp_path, corpus, study="grid", space=space, n_trials=5, sampler={"name": "grid"},
+                      pruner={"name": "none"})
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert sweep(spec, storage) == 0
+    study = optuna.load_study(study_name="grid", storage=storage)
+    assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
