@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PIP_QUIET ?= -q
+PIP_FLAGS ?= -q
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -16,10 +16,10 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-dev.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-dev.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints-dev.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints-dev.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	@# The book's package is our oracle; its metadata asks for tensorflow, which it does not need here.
-	$(PY) -m pip install $(PIP_QUIET) --no-deps llms-from-scratch==1.0.19 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps llms-from-scratch==1.0.19 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import gptexp, torch, mlflow, optuna, llms_from_scratch" && touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the package and its dev tools (torch pinned to the CPU wheel)

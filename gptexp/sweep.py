@@ -269,13 +269,13 @@ def make_sampler(spec: SweepSpec, worker: int = 0):
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed, **s)
         if name == "grid":
-            return _GridSampler({p.key: p.grid_values() for p in spec.space}, seed=seed, **s)
+            return _grid_sampler({p.key: p.grid_values() for p in spec.space}, seed=seed, **s)
         return optuna.samplers.CmaEsSampler(seed=seed, **s)
     except TypeError as exc:
         raise SweepError(f"sampler {name}: {exc}") from None
 
 
-def _grid_sampler_class():
+def _grid_sampler(search_space: dict, **kwargs):
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
@@ -285,11 +285,7 @@ def _grid_sampler_class():
         def after_trial(self, study, trial, state, values) -> None:
             return None
 
-    return GridSampler
-
-
-def _GridSampler(*args, **kwargs):
-    return _grid_sampler_class()(*args, **kwargs)
+    return GridSampler(search_space, **kwargs)
 
 
 def make_pruner(spec: SweepSpec, num_epochs: int):

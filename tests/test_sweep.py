@@ -30,7 +30,7 @@ STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, verdict_text):
     path = tmp_path_factory.mktemp("corpus") / "verdict-head.txt"
-    path.write_text(verdict_text[:7000], encoding="utf-8")
+    path.write_text(verdict_text[:4000], encoding="utf-8")
     return path
 
 
