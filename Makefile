@@ -47,3 +47,14 @@ sweep: $(STAMP) ## the default Optuna sweep (SWEEP=configs/sweep.yaml, SWEEP_ARG
 ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5000; PORT=... to change)
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)
+
+.PHONY: reproduce report
+
+reproduce: $(STAMP) ## rerun the book's chapter-5 job (experiments/ch05-verdict.yaml) and check every eval point against the book
+	$(VENV)/bin/gptexp reproduce ch05-verdict
+
+report: $(STAMP) ## a table of the latest sweep's trials (else the gptexp experiment's runs), best first
+	$(VENV)/bin/gptexp report
+
+bench: $(STAMP) ## measure gptexp against the book's implementation (writes bench-results/*.json, logs to MLflow)
+	$(PY) -m gptexp.bench

@@ -64,13 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=123, metavar="S")
 
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"gptexp.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"gptexp.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"gptexp.{name}").register(sub)
     return parser
 
 

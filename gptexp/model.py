@@ -13,8 +13,10 @@ bit-identical weights to the book's `GPTModel(cfg)`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,6 +63,39 @@ class KVCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     pos: int = 0
+
+
+class _CpuDropout(torch.autograd.Function):
+    """Inverted dropout whose keep mask comes from numpy's PCG64, seeded from torch's generator.
+
+    Same distribution as F.dropout (drop with probability p to 2**-32, scale kept ones by 1/(1-p)),
+    reproducible under torch.manual_seed, and ~3x cheaper on CPU than torch's bernoulli_ (which
+    dominates dropout's cost on the attention weights). The mask is kept as one byte per element.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+        bits = np.random.Generator(np.random.PCG64(seed)).integers(0, 2**32, x.numel(), dtype=np.uint32)
+        drop = torch.from_numpy(bits < round(p * 2**32)).view(x.shape)
+        ctx.save_for_backward(drop)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(ctx.scale).masked_fill_(drop, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).masked_fill_(drop, 0.0), None
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout for `impl: fast`: the numpy-mask kernel in eager CPU mode, torch's elsewhere
+    (under torch.compile the compiler generates and fuses its own random numbers)."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, True)
+    return _CpuDropout.apply(x, p)
 
 
 class LayerNorm(nn.Module):
@@ -133,13 +168,7 @@ class MultiHeadAttention(nn.Module):
             keys, values, start = self._extend_cache(cache, layer, keys, values)
 
         if self.impl == "fast":
-            p = self.dropout.p if self.training else 0.0
-            if start == 0:
-                ctx = F.scaled_dot_product_attention(queries, keys, values, dropout_p=p, is_causal=True)
-            else:
-                # Past keys are all visible; among the new ones, the usual causal triangle.
-                allowed = ~self.mask.bool()[start:start + n, :start + n]
-                ctx = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=p)
+            ctx = self._fast_attention(queries, keys, values, start)
         else:
             scores = queries @ keys.transpose(2, 3)  # (b, heads, n, start + n)
             scores.masked_fill_(self.mask.bool()[start:start + n, :start + n], -torch.inf)
@@ -148,6 +177,38 @@ class MultiHeadAttention(nn.Module):
             ctx = weights @ values
         ctx = ctx.transpose(1, 2).reshape(b, n, self.d_out)
         return self.out_proj(ctx)
+
+    def _fast_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        p = self.dropout.p if self.training else 0.0
+        b, h, n, hd = q.shape
+        if p > 0.0 and start == 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Training with dropout on the attention weights: no fused CPU kernel does this, and
+            # SDPA's fallback builds the mask and scales q and k anew every call. One baddbmm adds
+            # the causal -inf bias and the 1/sqrt(d) scale inside the GEMM; the dropout is ours.
+            q, k, v = (t.reshape(b * h, n, hd) for t in (q, k, v))
+            scores = torch.baddbmm(self._causal_bias(n, q), q, k.transpose(1, 2), alpha=1.0 / math.sqrt(hd))
+            weights = fast_dropout(torch.softmax(scores, dim=-1), p, True)
+            return torch.bmm(weights, v).view(b, h, n, hd)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if n == 1:
+            # One new query after the cached ones: it sees every key, so no mask at all.
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        # Past keys are all visible; among the new ones, the usual causal triangle.
+        allowed = ~self.mask.bool()[start:start + n, :start + n]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+
+    def _causal_bias(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, n) float: 0 on and below the diagonal, -inf above; cached per size/device/dtype."""
+        key = (n, like.device, like.dtype)
+        cache = self.__dict__.setdefault("_bias_cache", {})
+        bias = cache.get(key)
+        if bias is None:
+            bias = torch.zeros(n, n, device=like.device, dtype=like.dtype)
+            bias.masked_fill_(self.mask.bool()[:n, :n], -torch.inf)
+            cache.clear()
+            cache[key] = bias
+        return bias
 
     def _extend_cache(self, cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor):
         b, h, n, hd = k.shape
@@ -179,8 +240,13 @@ class TransformerBlock(nn.Module):
         self.norm1 = LayerNorm(cfg["emb_dim"], impl)
         self.norm2 = LayerNorm(cfg["emb_dim"], impl)
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.impl == "fast":
+            p, training = self.drop_shortcut.p, self.training
+            x = x + fast_dropout(self.att(self.norm1(x), cache, layer), p, training)
+            return x + fast_dropout(self.ff(self.norm2(x)), p, training)
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache, layer))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
@@ -213,7 +279,11 @@ class GPTModel(nn.Module):
         if start + n > self.pos_emb.num_embeddings:
             raise ValueError(f"{start + n} positions exceed context_length {self.pos_emb.num_embeddings}")
         pos = torch.arange(start, start + n, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        x = self.tok_emb(in_idx) + self.pos_emb(pos)
+        if self.impl == "fast":
+            x = fast_dropout(x, self.drop_emb.p, self.training)
+        else:
+            x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, cache, i)
         if cache is not None:
