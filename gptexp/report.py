@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GptexpError
+from .sweep import TAG_STUDY, TAG_TRIAL
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
-TAG_STUDY = "gptexp.study"
-TAG_TRIAL = "gptexp.trial"
 TAG_STATE = "optuna.state"
 DEFAULT_EXPERIMENT = "gptexp"
 # Metrics where more is better; every other metric (losses, perplexities) is best when lowest.
