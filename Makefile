@@ -45,6 +45,7 @@ sweep: $(STAMP) ## the default Optuna sweep (SWEEP=configs/sweep.yaml, SWEEP_ARG
 	$(VENV)/bin/gptexp sweep --config $(SWEEP) $(SWEEP_ARGS)
 
 ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5000; PORT=... to change)
+	@mkdir -p mlruns
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)
 
