@@ -83,6 +83,30 @@ def test_the_ch05_spec_pins_the_books_run():
     assert raw["tolerances"] == {"train_loss": 1e-3, "val_loss": 1e-3, "tokens_seen": 0}
 
 
+def test_the_ch05_expected_results_are_the_book_packages_18_eval_points_and_last_sample():
+    raw = yaml.safe_load((REPO / "experiments" / "ch05-verdict.yaml").read_text())
+    expected = yaml.safe_load((REPO / "experiments" / raw["expected_file"]).read_text())
+    assert expected["experiment"] == "ch05-verdict"
+    assert expected["corpus_sha256"] == VERDICT_SHA256
+    # 9 steps per epoch x 10 epochs, evaluated every 5 steps from step 0: the book's 18 points
+    assert expected["steps_per_epoch"] == 9
+    evals = expected["evals"]
+    assert [e["step"] for e in evals] == list(range(0, 90, 5))
+    assert [e["epoch"] for e in evals] == [s // 9 + 1 for s in range(0, 90, 5)]
+    # batch 2 x context 256 tokens per step, counted after the step as the book does
+    assert [e["tokens_seen"] for e in evals] == [(s + 1) * 512 for s in range(0, 90, 5)]
+    # the book's printed start (9.781 / 9.933) and its overfitting shape: train falls far below val
+    assert round(evals[0]["train_loss"], 3) == 9.781 and round(evals[0]["val_loss"], 3) == 9.933
+    assert evals[-1]["train_loss"] < 0.5 < 6.0 < evals[-1]["val_loss"]
+    assert expected["sample"]["epoch"] == 10
+    assert expected["sample"]["prompt"] == "Every effort moves you"
+    assert expected["sample"]["text"].startswith("Every effort moves you")
+    produced = expected["produced_by"]
+    assert {"command", "code", "date", "python", "torch", "llms_from_scratch", "tiktoken",
+            "cpu", "threads", "device", "precision"} <= produced.keys()
+    assert (produced["device"], produced["precision"], produced["llms_from_scratch"]) == ("cpu", "fp32", "1.0.19")
+
+
 # ---------------------------------------------------------------------------- reproduce
 
 
