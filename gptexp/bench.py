@@ -786,66 +786,28 @@ def _flat_metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-def tracking_uri() -> tuple[str, bool]:
-    """$MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlruns/mlflow.db; and whether it is that default."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri, False
-    root = Path("mlruns").resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db", True
-
-
 def log_to_mlflow(result: dict, json_path: Path) -> str:
-    """One run in experiment `bench`: params, the figures as metrics, the JSON as an artifact."""
+    """One run in experiment `bench` of the project's store: params, the figures as metrics, the JSON."""
     import logging
 
-    from mlflow.entities import Metric, Param
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from .tracking import TAG_JOB, get_client, log_flat_params, log_metrics, tracked_run
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri, default = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            # Artifacts beside the database (for the default store: mlruns/), never ./mlruns of the cwd.
-            location = (Path("mlruns").resolve() if default else Path(uri[len("sqlite:///"):]).parent).as_uri()
-        try:
-            exp_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException:
-            exp = client.get_experiment_by_name(EXPERIMENT)  # created meanwhile by another process
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    elif exp.lifecycle_stage == "deleted":
-        raise RuntimeError(f"experiment {EXPERIMENT!r} is deleted in {uri}: restore it in the MLflow UI")
-    else:
-        exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=f"bench-{result['timestamp']}" + ("-quick" if result["quick"] else ""),
-                            tags={"gptexp.job": "bench", "gptexp.quick": str(result["quick"]).lower()})
-    run_id = run.info.run_id
-    try:
+    client = get_client()
+    name = f"bench-{result['timestamp']}" + ("-quick" if result["quick"] else "")
+    with tracked_run(client, EXPERIMENT, run_name=name,
+                     tags={TAG_JOB: "bench", "gptexp.quick": str(result["quick"]).lower()}) as run_id:
         params = {f"sizes.{k}": v for k, v in result["sizes"].items()}
         params.update({f"env.{k}": v for k, v in result["env"].items()})
         params.update({f"settings.{k}": v for k, v in result["settings"].items()})
         params["quick"] = result["quick"]
-        plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        now = int(time.time() * 1000)
-        mlist = [Metric(k, v, now, 0) for k, v in _flat_metrics(result).items()]
-        for i in range(0, len(plist), 100):
-            client.log_batch(run_id, params=plist[i:i + 100])
-        for i in range(0, len(mlist), 500):
-            client.log_batch(run_id, metrics=mlist[i:i + 500])
+        log_flat_params(client, run_id, params)
+        metrics = _flat_metrics(result)
+        keys = list(metrics)
+        for i in range(0, len(keys), 500):
+            log_metrics(client, run_id, {k: metrics[k] for k in keys[i:i + 500]}, step=0)
         client.log_artifact(run_id, str(json_path))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
     return run_id
 
 

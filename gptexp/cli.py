@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 from .errors import INTERRUPTS, GptexpError, Terminated
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _one_line_warnings(warnings.showwarning)
     from .runner import NonFiniteLoss
 
     try:
@@ -92,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     except INTERRUPTS:
         print("gptexp: interrupted", file=sys.stderr)
         return 130
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_line_warnings(default):
+    """gptexp's own warnings are advice to the user: one line each, once, no source excerpt."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+            return default(message, category, filename, lineno, file, line)
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"gptexp: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 def cmd_train(args) -> int:

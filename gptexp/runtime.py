@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise GptexpError(f"train.precision fp16 needs CUDA (device is {device.type}): use bf16, fp32 or auto")
+    if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+        # Allowed (numerics can be studied anywhere), but it is the slow path here, never a speedup.
+        warnings.warn("train.precision bf16 on a CPU without bf16 hardware (no AMX or AVX512-BF16): its matmuls "
+                      "are emulated and several times slower than fp32 here; precision auto picks fp32",
+                      RuntimeWarning, stacklevel=2)
     return name
 
 
