@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import GPT_CONFIG_124M, GPTModel
+from .model import GPT_CONFIG_124M, GPTModel, compile_blocks
 from .provenance import cpu_model
 from .runtime import physical_cores
 
@@ -228,7 +228,7 @@ class _Trainer:
         self.model = model.train()
         self.optimizer = optimizer
         self.autocast = autocast
-        self.fn = torch.compile(model, dynamic=False) if compiled else model
+        self.fn = compile_blocks(model, dynamic=False) if compiled else model
 
     def step(self, x, y) -> float:
         self.optimizer.zero_grad(set_to_none=True)

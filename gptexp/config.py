@@ -73,9 +73,10 @@ class TrainConfig:
     min_lr: float = 1e-6
     lr_schedule: str = "constant"
     grad_clip: float | None = None
-    # Speed knobs; none changes what is computed beyond float rounding.
+    # Speed knobs; none changes what is computed beyond float rounding (and, for compile, which
+    # dropout masks are drawn: compiled code draws its own random numbers).
     fused_adamw: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile per transformer block (regional: one graph serves all)
     threads: int = 0  # 0: one per physical core
     eval_batch_size: int = 8
 

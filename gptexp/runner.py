@@ -24,7 +24,7 @@ from .config import Config
 from .errors import INTERRUPTS
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
-from .model import GPTModel
+from .model import GPTModel, compile_blocks
 from .runtime import Runtime, resolve_runtime
 from .splits import Splits, prepare_data
 
@@ -182,7 +182,7 @@ def run(
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scaler, runtime)
         result.best_val_loss, result.best_epoch = state["best_val_loss"], state["best_epoch"]
-    step_model = torch.compile(model) if t.compile else model
+    step_model = compile_blocks(model) if t.compile else model
 
     total_steps = len(data.train_loader) * t.num_epochs
     _emit(callbacks, "on_start", StartEvent(config, runtime, model, data, total_steps, state["epoch"],

@@ -9,6 +9,7 @@ import torch
 
 import gptexp
 from gptexp import GPT_CONFIG_124M, GPTModel
+from gptexp.model import compile_blocks
 from conftest import SMALL_CFG
 
 CFG_124M = dict(GPT_CONFIG_124M)  # context 256, drop 0.1, no qkv bias: the book's chapter-5 model
@@ -145,14 +146,21 @@ def test_fast_impl_under_bf16_autocast_gives_the_loss_within_2e_2(verdict_text, 
     assert abs(low - ref) < 2e-2
 
 
-def test_fast_impl_trains_under_torch_compile():
+def test_fast_impl_trains_under_regional_torch_compile_sharing_the_models_weights():
     torch.manual_seed(0)
-    model = GPTModel(dict(SMALL_CFG, impl="fast", vocab_size=256, n_layers=1))
-    compiled = torch.compile(model)
+    model = GPTModel(dict(SMALL_CFG, impl="fast", vocab_size=256, n_layers=2))
+    keys = list(model.state_dict())
+    compiled = compile_blocks(model)
     x = torch.randint(0, 256, (2, 16))
     loss = gptexp.calc_loss_batch(x, x, compiled, "cpu")
     loss.backward()
-    assert model.tok_emb.weight.grad is not None
-    model.eval()
+    # one set of parameters: the gradients land on the model's own, which checkpoints save
+    assert model.tok_emb.weight.grad is not None and model.trf_blocks[1].att.W_query.weight.grad is not None
+    assert list(model.state_dict()) == keys
+    model.eval()  # the view follows the model's train/eval flags: no dropout now
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-4)
+        assert torch.equal(compiled(x), compiled(x))
+    # the model itself stays eager, so KV-cached generation (a new shape every token) is untouched
+    out = gptexp.generate(model, x[:1, :4], 6, SMALL_CFG["context_length"], use_cache=True)
+    assert torch.equal(out, gptexp.generate_text_simple(model, x[:1, :4], 6, SMALL_CFG["context_length"]))

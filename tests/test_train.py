@@ -222,3 +222,24 @@ def test_sigterm_ends_the_run_killed(mlflow_store):
     assert "Traceback" not in err
     (run,) = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_compile_true_trains_the_same_function_as_eager(mlflow_store):
+    # No dropout, so the only difference is the compiled kernels' rounding.
+    one_epoch = ["--set", "train.num_epochs=1", "--set", "model.drop_rate=0.0"]
+    for exp, extra in (("compile-off", []), ("compile-on", ["--set", "train.compile=true"])):
+        assert main(["train", "--config", str(TINY), *one_epoch, *extra, "--experiment", exp]) == 0
+    client = MlflowClient(mlflow_store)
+    eager, compiled = (client.search_runs([client.get_experiment_by_name(e).experiment_id])[0]
+                       for e in ("compile-off", "compile-on"))
+    assert compiled.data.params["train.compile"] == "True" and compiled.info.status == "FINISHED"
+    for key in ("epoch_train_loss", "epoch_val_loss"):
+        assert compiled.data.metrics[key] == pytest.approx(eager.data.metrics[key], abs=1e-3), key
+    # the checkpoint holds the model's own keys, not a compiled wrapper's
+    from safetensors.torch import load_file
+
+    def weights(run):
+        (path,) = (local_artifact_dir(client, run.info.run_id) / "checkpoints").glob("epoch-*/model.safetensors")
+        return load_file(path)
+
+    assert sorted(weights(compiled)) == sorted(weights(eager))
