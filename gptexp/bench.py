@@ -260,8 +260,8 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
     cfg = dict(sizes.model)
     seq = cfg["context_length"]
     x, y = _batch(cfg, sizes.batch, seq, 1)
-    # Every variant warms up at the timed shape: besides compiling and creating the optimizer
-    # state, a first step at a new shape pays the allocator's page faults (~30% of the book's step).
+    # Every variant warms up at the timed shape, so compiling, creating the optimizer state and
+    # the first allocation of that shape's buffers all fall outside the timed steps.
     wx, wy = _batch(cfg, sizes.batch, seq, 2)
     compile_prec = "bf16" if bf16_native else "fp32"
 
