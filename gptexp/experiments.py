@@ -35,6 +35,7 @@ import yaml
 
 from .config import Config, ConfigError, from_dict
 from .errors import GptexpError
+from .tables import aligned
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 TAG_SPEC = "gptexp.experiment_spec"
@@ -278,12 +279,7 @@ def format_rows(rows: list[Row]) -> str:
             diff = "equal" if r.ok else "differs"
         body.append((r.metric, "-" if r.step is None else str(r.step), _fmt(r.expected, r.metric),
                      _fmt(r.got, r.metric), diff, "ok" if r.ok else "FAIL"))
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    right = {1, 4}
-    lines = []
-    for cells in (header, *body):
-        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
-    return "\n".join(line.rstrip() for line in lines)
+    return aligned(header, body, right={1, 4})
 
 
 def rows_to_csv(rows: list[Row]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import GptexpError
 from .sweep import TAG_STUDY, TAG_TRIAL
+from .tables import aligned
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
@@ -228,11 +229,7 @@ def to_text(frame) -> str:
     header, body = _cells(frame)
     if not body:
         return "(no runs)"
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    numeric = [all(_is_number(r[i]) for r in body) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-             for cells in (header, *body)]
-    return "\n".join(lines)
+    return aligned(header, body, right=[i for i in range(len(header)) if all(_is_number(r[i]) for r in body)])
 
 
 def _is_number(text: str) -> bool:
@@ -375,11 +372,7 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
 
 
 def _plain_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    rows = [[str(c).replace("\n", "\\n") for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    return "\n".join("  " + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                                      for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-                     for cells in (header, *rows))
+    return aligned(header, [[str(c).replace("\n", "\\n") for c in r] for r in rows], right, indent="  ")
 
 
 # ---------------------------------------------------------------------------- CLI

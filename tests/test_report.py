@@ -200,3 +200,11 @@ def test_compare_with_an_unknown_run_is_one_line_exit_2(store, capsys):
     _, ids = store
     err = one_line_error(capsys, ["compare", ids["base"], "f" * 32])
     assert "no run" in err and "f" * 32 in err
+
+
+def test_console_tables_pad_each_column_to_its_widest_cell_and_right_align_the_numbers():
+    from gptexp.tables import aligned
+
+    assert aligned(["name", "loss"], [["a", "1.5"], ["longer", "10.25"]], right={1}).splitlines() == [
+        "name     loss", "a         1.5", "longer  10.25"]
+    assert aligned(["metric", "ok"], [], indent="  ") == "  metric  ok"  # no rows: the header alone
