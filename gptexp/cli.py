@@ -10,11 +10,11 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 import warnings
 
-from .errors import INTERRUPTS, GptexpError, Terminated
+from . import interrupts
+from .errors import INTERRUPTS, GptexpError
 
 EXIT_BAD_INPUT = 2
 # Modules that add their own subcommands: each has register(subparsers), setting func=... on its parsers.
@@ -70,16 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()
     args = build_parser().parse_args(argv)
     # MLflow's store-migration notices and artifact progress bars drown the training log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-
-    def _terminate(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _one_line_warnings(warnings.showwarning)
     from .runner import NonFiniteLoss
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import interrupts
 from .errors import CorpusError
 
 
@@ -35,6 +36,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
+        interrupts.check()
         total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
     return total_loss / num_batches
 
@@ -81,6 +83,7 @@ def evaluate_split(model, token_ids, context_length: int, device, batch_size: in
             groups = [(full[i:i + batch_size], context_length) for i in range(0, len(full), batch_size)]
             groups += [([s], n) for s, n in tail]
             for starts, n in groups:
+                interrupts.check()
                 offsets = np.arange(n + 1)
                 batch = torch.from_numpy(ids[np.asarray(starts)[:, None] + offsets].astype(np.int64)).to(device)
                 logits = model(batch[:, :-1])

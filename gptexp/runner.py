@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from . import checkpoint as ckpt
+from . import interrupts
 from .config import Config
 from .errors import INTERRUPTS
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
@@ -163,8 +164,10 @@ def run(
 ) -> RunResult:
     """Train `config`; emit events to `callbacks`; checkpoint into `checkpoint_dir`.
 
-    Exceptions propagate after `on_end` has told every subscriber how the run ended.
+    Exceptions propagate after `on_end` has told every subscriber how the run ended. A pending
+    Ctrl-C/SIGTERM (gptexp.interrupts) is raised before the run starts and at each step.
     """
+    interrupts.check()
     callbacks = list(callbacks)
     t = config.train
     runtime = resolve_runtime(t.device, t.precision, t.threads)
@@ -195,6 +198,7 @@ def run(
             train_seconds, epoch_tokens = 0.0, 0
             tick = time.perf_counter()
             for input_batch, target_batch in data.train_loader:
+                interrupts.check()
                 step = global_step + 1
                 lr = lr_at(step, total_steps, t)
                 for group in optimizer.param_groups:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from . import interrupts
 from .errors import INTERRUPTS, GptexpError
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
@@ -117,28 +118,38 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
 
     FINISHED when the body returns; KILLED on Ctrl-C/SIGTERM or a subscriber's StopTraining
     (its reason in gptexp.stop_reason); FAILED on any other exception (its message in gptexp.error).
+    Signals are deferred from before the run exists until it has ended (see gptexp.interrupts):
+    the body stops at its safe points, and the ending is never interrupted.
     """
+    with interrupts.deferred():
+        if resume_run_id is None:
+            interrupts.check()  # a stop asked for before the run exists: no run at all
+        run_id = _open_run(client, experiment, run_name, tags, parent_run_id, resume_run_id)
+        try:
+            interrupts.check()
+            yield run_id
+        except StopTraining as exc:
+            _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
+            raise
+        except INTERRUPTS:
+            _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
+            raise
+        except BaseException as exc:
+            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
+            raise
+        _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+
+
+def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, parent_run_id: str | None,
+              resume_run_id: str | None) -> str:
     if resume_run_id is not None:
-        run_id = resume_run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        all_tags = dict(tags or {})
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
-        run_id = run.info.run_id
-    try:
-        yield run_id
-    except StopTraining as exc:
-        _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
-        raise
-    except INTERRUPTS:
-        _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
-        raise
-    except BaseException as exc:
-        _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
-        raise
-    _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+        client.update_run(resume_run_id, status="RUNNING")
+        return resume_run_id
+    all_tags = dict(tags or {})
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+    return run.info.run_id
 
 
 def _end(client, run_id: str, status: str, tags: dict) -> None:
