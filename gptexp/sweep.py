@@ -8,7 +8,8 @@ the same validation tokens for every trial (see gptexp.evaluation.evaluate_split
 
 Workers share the Optuna storage; a lock held while counting and asking keeps the number of
 finished trials exact; trials heartbeat (RDB storages), so the trial of a killed worker is
-failed once stale and retried once.
+failed once stale and retried once. Ctrl-C or SIGTERM stops every worker at a safe point: each
+ends its trial FAIL and its child run KILLED, then the parent run ends KILLED.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from . import interrupts
 from .config import Config, ConfigError, apply_overrides, config_keys, from_dict, read_yaml, set_dotted
 from .errors import INTERRUPTS, GptexpError
 from .provenance import redact
@@ -477,8 +479,12 @@ def _fail_stale(study, client, checked: set[int]) -> None:
                 client.set_terminated(rid, status="FAILED")
 
 
-def work(ctx: Context, lock) -> dict[str, int]:
-    """A worker: ask, run and tell trials until the study holds n_trials finished ones."""
+def work(ctx: Context, lock, current_trial=None) -> dict[str, int]:
+    """A worker: ask, run and tell trials until the study holds n_trials finished ones.
+
+    `current_trial.value` (a shared integer, when given) holds the id of the trial being run, -1
+    between trials, so that the parent can fail it should this worker be killed.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -494,6 +500,7 @@ def work(ctx: Context, lock) -> dict[str, int]:
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     checked: set[int] = set()
     while True:
+        interrupts.check()
         trial = None
         with lock:
             _fail_stale(study, client, checked)
@@ -515,9 +522,13 @@ def work(ctx: Context, lock) -> dict[str, int]:
                     trial = study.ask()
         if trial is None:
             # Trials still running elsewhere (or stale, awaiting the heartbeat grace period).
-            time.sleep(min(2.0, spec.heartbeat_interval))
+            interrupts.sleep(min(2.0, spec.heartbeat_interval))
             continue
+        if current_trial is not None:
+            current_trial.value = trial._trial_id
         counts[run_trial(ctx, study, trial, client)] += 1
+        if current_trial is not None:
+            current_trial.value = -1
     return counts
 
 
@@ -534,7 +545,10 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _worker_main(ctx: Context, lock, queue) -> None:
+def _worker_main(ctx: Context, lock, queue, current_trial) -> None:
+    # The terminal's Ctrl-C reaches every process of the group, and the parent forwards SIGTERM:
+    # either is honoured at the worker's safe points, so its trial and child run end in a final state.
+    interrupts.install()
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -544,11 +558,13 @@ def _worker_main(ctx: Context, lock, queue) -> None:
 
     torch.set_num_threads(ctx.threads)
     try:
-        queue.put(("ok", work(ctx, lock)))
+        with interrupts.deferred():
+            counts = work(ctx, lock, current_trial)
+        queue.put((ctx.worker, "ok", counts))
     except INTERRUPTS:
-        queue.put(("interrupted", None))
+        queue.put((ctx.worker, "interrupted", None))
     except Exception as exc:  # reported by the parent process as one line
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        queue.put((ctx.worker, "error", f"{type(exc).__name__}: {exc}"))
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -673,50 +689,111 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
         for point in spec.enqueue:
             study.enqueue_trial(point)
     client = get_client()
-    parent = _parent_run(client, spec, study, storage_url)
-    print(f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
-          f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
-          flush=True)
-    ctx = Context(spec, storage_url, parent, threads, 0)
-    with tracked_run(client, spec.experiment, resume_run_id=parent):
-        if workers == 1:
-            import torch
+    with interrupts.deferred():  # from the parent run's (re)opening until it has ended
+        parent = _parent_run(client, spec, study, storage_url)
+        print(f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
+              f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
+              flush=True)
+        ctx = Context(spec, storage_url, parent, threads, 0)
+        with tracked_run(client, spec.experiment, resume_run_id=parent):
+            if workers == 1:
+                import torch
 
-            torch.set_num_threads(threads)
-            work(ctx, contextlib.nullcontext())
-        else:
-            _run_workers(ctx, workers)
-        summary = _finish_parent(client, spec, study, parent, threads)
+                torch.set_num_threads(threads)
+                work(ctx, contextlib.nullcontext())
+            else:
+                _run_workers(ctx, workers)
+            summary = _finish_parent(client, spec, study, parent, threads)
     summary.update(parent_run_id=parent, study=spec.study)
     _print_summary(spec, summary)
     return summary
 
 
+# After SIGTERM, how long workers get to end their trials and runs before they are killed.
+WORKER_GRACE_S = 30.0
+
+
 def _run_workers(ctx: Context, workers: int) -> None:
     spawn = mp.get_context("spawn")
     lock, queue = spawn.Lock(), spawn.Queue()
+    current = [spawn.RawValue("q", -1) for _ in range(workers)]  # each worker's trial id, -1 between trials
     procs = [spawn.Process(target=_worker_main, args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id,
-                                                              ctx.threads, i), lock, queue), daemon=False)
+                                                              ctx.threads, i), lock, queue, current[i]), daemon=False)
              for i in range(workers)]
     for p in procs:
         p.start()
-    results = []
-    try:
-        for _ in procs:
-            results.append(queue.get())
-        for p in procs:
-            p.join()
-    except INTERRUPTS:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join(timeout=30)
-        raise
-    errors = [msg for kind, msg in results if kind == "error"]
-    if any(kind == "interrupted" for kind, _ in results):
+    results = _collect(procs, queue)
+    for i in range(workers):
+        if i not in results and current[i].value >= 0:
+            _fail_abandoned(ctx, current[i].value)
+    interrupts.check()
+    kinds = [kind for kind, _ in results.values()]
+    if "interrupted" in kinds:  # a worker alone was stopped
         raise KeyboardInterrupt
+    errors = [msg for kind, msg in results.values() if kind == "error"]
+    errors += [f"worker {i} ended without a result (exit code {procs[i].exitcode})"
+               for i in range(workers) if i not in results]
     if errors:
         raise SweepError(f"a sweep worker stopped: {errors[0]}")
+
+
+def _collect(procs: list, queue) -> dict[int, tuple[str, Any]]:
+    """Each worker's (kind, payload), by worker number, once every worker has ended.
+
+    A polling wait, so that a stop asked of this process (Ctrl-C, SIGTERM) is seen: it is
+    forwarded to the workers as SIGTERM, and those still alive after WORKER_GRACE_S are killed.
+    """
+    from queue import Empty
+
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = None
+    while True:
+        try:
+            number, kind, payload = queue.get(timeout=0.2)
+            results[number] = (kind, payload)
+            continue
+        except Empty:
+            if not any(p.is_alive() for p in procs):
+                break  # a process that has ended has flushed what it sent: the queue is drained
+        if deadline is None and interrupts.requested() is not None:
+            deadline = time.monotonic() + WORKER_GRACE_S
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        elif deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+    for p in procs:
+        p.join()
+    return results
+
+
+def _fail_abandoned(ctx: Context, trial_id: int) -> None:
+    """Fail the trial of a worker that ended without telling it, and end its child run."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .tracking import TAG_ERROR, TAG_STOP, get_client
+
+    storage = open_storage(ctx.storage_url, ctx.spec)
+    trial = storage.get_trial(trial_id)
+    if trial.state != TrialState.RUNNING:
+        return
+    rid = trial.user_attrs.get("mlflow_run_id")
+    if rid:
+        # KILLED when the sweep was being stopped (as an interrupted run ends), else FAILED.
+        status, tags = (("KILLED", {TAG_STOP: "its worker was stopped", "gptexp.status": "interrupted"})
+                        if interrupts.requested() else
+                        ("FAILED", {TAG_ERROR: "its worker ended without finishing the trial", "gptexp.status": "failed"}))
+        client = get_client()
+        with contextlib.suppress(Exception):
+            if client.get_run(rid).info.status == "RUNNING":
+                for key, value in {**tags, "optuna.state": "FAIL"}.items():
+                    client.set_tag(rid, key, value)
+                client.set_terminated(rid, status=status)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _print_summary(spec: SweepSpec, summary: dict) -> None:

@@ -6,6 +6,7 @@ the-verdict so that a trial takes a couple of seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -276,3 +277,68 @@ def test_a_grid_sweep_stops_once_every_grid_point_is_tried(tmp_path, corpus, mlf
     assert sweep(spec, storage) == 0
     study = optuna.load_study(study_name="grid", storage=storage)
     assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
+
+
+def wait_for(predicate, timeout, proc):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The sweep's worker processes: the children of `pid` started by multiprocessing's spawn."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    pids = []
+    for child in children:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                pids.append(child)
+    return pids
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the parent", "Ctrl-C to the process group",
+                                  "SIGKILL to a worker, then SIGTERM to the parent"])
+def test_a_stopped_two_worker_sweep_leaves_no_run_and_no_trial_running(tmp_path, corpus, mlflow_store, stop):
+    study_name = "stopped-" + "-".join(stop.split()[:2]).lower()
+    spec = write_spec(tmp_path, corpus, study=study_name, n_trials=6)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    # Long trials: both workers are mid-trial when the signal comes.
+    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage,
+                             "--workers", "2", "--set", "train.num_epochs=50"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    client = MlflowClient(mlflow_store)
+
+    def both_workers_training():
+        _, children = mlflow_runs(client, study_name)
+        return sum(c.info.status == "RUNNING" and "train_loss" in c.data.metrics for c in children) == 2
+
+    try:
+        assert wait_for(both_workers_training, 300, proc), \
+            f"the two workers did not both start a trial: {proc.stdout.read() if proc.poll() is not None else ''}"
+        if stop.startswith("Ctrl-C"):
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals every process of the group
+        else:
+            if stop.startswith("SIGKILL"):  # e.g. out of memory: the parent must end that worker's trial
+                os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)  # a scheduler stops the parent
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "gptexp: interrupted" in out
+    parents, children = mlflow_runs(client, study_name)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(children) >= 2 and not [c for c in children if c.info.status == "RUNNING"]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert len(study.trials) >= 2 and TrialState.RUNNING not in [t.state for t in study.trials]
+    for child in children:  # the interrupted trials: failed in Optuna, their runs ended KILLED
+        trial = study.trials[int(child.data.tags["gptexp.trial"])]
+        assert trial.state == TrialState.FAIL and child.data.tags["optuna.state"] == "FAIL"
+        assert child.info.status == "KILLED" and child.data.tags["gptexp.status"] == "interrupted"
