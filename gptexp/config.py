@@ -33,6 +33,48 @@ class ConfigError(GptexpError):
     pass
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names a key twice: YAML would keep the last silently, dropping the first."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"has the key {key!r} twice (lines {first_line} and {line}): keep one")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags beyond plain data) that refuses duplicate keys at any depth."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` entries are meant to be overridden by explicit keys
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the base constructor says so
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data; yaml.YAMLError (DuplicateKeyError for a key given twice) if it is not."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML file, as the end of a sentence that starts with its name."""
+    if isinstance(exc, DuplicateKeyError):
+        return str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"is not valid YAML{where}: fix its syntax"
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257
@@ -304,13 +346,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: give the path of a YAML file, e.g. configs/tiny.yaml")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: fix its syntax") from None
+        raise ConfigError(f"config file {p} {yaml_problem(exc)}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, not a {type(raw).__name__}")
     return raw or {}
