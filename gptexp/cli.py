@@ -15,7 +15,7 @@ import signal
 import sys
 import warnings
 
-from .errors import INTERRUPTS, GptexpError, Terminated
+from .errors import INTERRUPTS, GptexpError, RunFailed, Terminated
 
 EXIT_BAD_INPUT = 2
 # Below this temperature sampling is greedy in all but name, and logits / T overflow to inf as
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         print(f"gptexp: training failed: {exc}", file=sys.stderr)
         return 1
+    except RunFailed as exc:
+        print(f"gptexp: run failed: {exc}", file=sys.stderr)
+        return 1
     except INTERRUPTS:
         print("gptexp: interrupted", file=sys.stderr)
         return 130
@@ -226,13 +229,15 @@ def cmd_eval(args) -> int:
 
 
 def _track_eval(config, args, folder, data, rows) -> None:
-    from .tracking import TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run
+    from .tracking import (TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run,
+                           write_failures)
 
     client = get_client()
     tags = {TAG_JOB: "eval", "gptexp.checkpoint": str(folder), "gptexp.corpus_sha256": data.corpus.sha256}
     if args.run:
         tags["gptexp.source_run"] = args.run
-    with tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
+    with write_failures(client), \
+            tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
         log_flat_params(client, run_id, run_params(config))
         values = {}
         for name, r in rows:

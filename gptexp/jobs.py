@@ -22,7 +22,7 @@ from .runner import Callback, RunResult, run
 from .runtime import resolve_device, resolve_precision
 from .splits import Splits, prepare_data
 from .tracking import (TAG_JOB, MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
-                       tracked_run)
+                       require_writable, tracked_run, write_failures)
 
 
 @dataclass
@@ -101,7 +101,8 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
     data = preflight(config, data)
     client = client or get_client()
     tags = {TAG_JOB: "train", **(tags or {})}
-    with tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
+    with write_failures(client), \
+            tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
         if on_created is not None:
             on_created(run_id)
         root, upload = checkpoint_root(client, run_id)
@@ -170,7 +171,8 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
     data = preflight(config)
-    with tracked_run(client, "", resume_run_id=run_id):
+    require_writable(client, info.artifact_uri)
+    with write_failures(client), tracked_run(client, "", resume_run_id=run_id):
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
