@@ -15,6 +15,7 @@ reachable and never a half-written one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -46,10 +47,14 @@ def epoch_dir_name(epoch: int) -> str:
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # write() errors do not say which file
+        raise
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -65,6 +70,59 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class _OSErrorKeeper(io.RawIOBase):
+    """A file torch.save writes through, keeping the OSError it hides behind 'unexpected pos'."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.error = path, None
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.error = OSError(exc.errno, exc.strerror, str(self.path))
+            raise
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+        super().close()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    keeper = _OSErrorKeeper(path)
+    try:
+        with keeper:
+            torch.save(obj, keeper)
+    except (RuntimeError, OSError):
+        if keeper.error is not None:
+            raise keeper.error from None
+        raise
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(weights, str(path))
+    except SafetensorError as exc:
+        # safetensors reports the OS error only as text: "... (os error 28)".
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def save_checkpoint(root: Path, epoch: int, model: torch.nn.Module, state: dict[str, Any],
                     run_config_yaml: str) -> Path:
     """Write epoch `epoch`'s folder under `root` (atomically); returns its path."""
@@ -75,12 +133,12 @@ def save_checkpoint(root: Path, epoch: int, model: torch.nn.Module, state: dict[
         # Buffers such as the causal mask are part of the book's state_dict; contiguous copies
         # because safetensors refuses views.
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS))
+        _save_weights(weights, tmp / WEIGHTS)
         _fsync_write(tmp / MODEL_CONFIG, json.dumps(model.cfg, indent=2).encode())
         _fsync_write(tmp / RUN_CONFIG, run_config_yaml.encode())
         fd, state_tmp = tempfile.mkstemp(dir=tmp)
         os.close(fd)
-        torch.save(state, state_tmp)
+        _torch_save(state, Path(state_tmp))
         os.replace(state_tmp, tmp / STATE)
         if final.exists():  # the same epoch saved again on a resumed run: replace it
             shutil.rmtree(final)

@@ -5,6 +5,11 @@ class GptexpError(Exception):
     """Bad input that the user can fix; the message says what is wrong and how to fix it."""
 
 
+class RunFailed(Exception):
+    """A run ended FAILED for a cause outside the code (disk full, a folder turned read-only):
+    the CLI prints the message, which names the file and what to do, as one line and exits 1."""
+
+
 class CorpusError(GptexpError):
     """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short."""
 

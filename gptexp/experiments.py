@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, from_dict, load_yaml, yaml_problem
 from .errors import GptexpError
 from .tables import aligned
 
@@ -106,13 +106,11 @@ def _spec_error(path: Path, message: str) -> GptexpError:
 
 def _read_yaml_mapping(path: Path, what: str) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GptexpError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise GptexpError(f"{what} {path} is not valid YAML{where}: fix its syntax") from None
+        raise GptexpError(f"{what} {path} {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise GptexpError(f"{what} {path} must hold a mapping, not {type(raw).__name__}")
     return raw

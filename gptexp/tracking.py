@@ -10,6 +10,7 @@ per-epoch `epoch_train_loss`, `epoch_val_loss`, `epoch_train_ppl`, `epoch_val_pp
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from . import interrupts
-from .errors import INTERRUPTS, GptexpError
+from .errors import INTERRUPTS, GptexpError, RunFailed
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
 
@@ -36,14 +37,56 @@ def tracking_uri() -> str:
     if uri:
         return uri
     root = Path("mlruns").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GptexpError(f"cannot create the MLflow store folder {root} ({exc.strerror}): run from a writable "
+                          "folder or set MLFLOW_TRACKING_URI") from None
     return f"sqlite:///{root}/mlflow.db"
 
 
-def _sqlite_dir(uri: str) -> Path | None:
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for other stores and in-memory databases."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(unquote(uri[len("sqlite:///"):])).parent
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    path = _sqlite_path(uri)
+    return None if path is None else path.parent
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str):
+    """Holds an exclusive lock beside a SQLite store while MLflow opens it.
+
+    MLflow creates and migrates the tables of a new store when it opens it; two processes that
+    open a new store at once both do, and one fails ('table ... already exists').
+    """
+    db = _sqlite_path(uri)
+    fd = None
+    if db is not None:
+        try:
+            import fcntl  # POSIX; elsewhere the race stays possible
+        except ImportError:
+            fcntl = None
+        try:
+            fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl is not None else None
+        except OSError as exc:
+            if not db.is_file():
+                raise GptexpError(f"cannot create the MLflow store {db} ({exc.strerror}): create a writable "
+                                  "folder for it or point MLFLOW_TRACKING_URI elsewhere") from None
+            # An existing store in a read-only folder can still be read (report, compare).
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def get_client(uri: str | None = None):
@@ -51,10 +94,79 @@ def get_client(uri: str | None = None):
 
     uri = uri or tracking_uri()
     try:
-        return MlflowClient(tracking_uri=uri)
+        with _first_use_lock(uri):
+            return MlflowClient(tracking_uri=uri)
+    except GptexpError:
+        raise
     except Exception as exc:
         raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({_one_line(exc)}): "
                           "check MLFLOW_TRACKING_URI") from None
+
+
+def require_writable(client, artifact_uri: str | None) -> None:
+    """Refuse, before a run exists, a store or artifact folder this process cannot write.
+
+    Otherwise the first write fails mid-run with a SQL or OS traceback. A SQLite store needs its
+    file and its folder (for the journal); artifacts need their folder, created here if missing.
+    """
+    db = _sqlite_path(client.tracking_uri)
+    fix = "make it writable or point MLFLOW_TRACKING_URI at a writable store"
+    if db is not None and db.is_file():
+        try:
+            with open(db, "r+b"):
+                pass
+            _probe_folder(db.parent)
+        except OSError as exc:
+            raise GptexpError(f"cannot write the MLflow store {db} ({exc.strerror}): {fix}") from None
+    folder = _local_path(artifact_uri) if artifact_uri else None
+    if folder is not None:
+        try:
+            _probe_folder(folder)
+        except OSError as exc:
+            where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
+            raise GptexpError(f"cannot write artifacts to {folder} ({exc.strerror}{where}): {fix}") from None
+
+
+def _probe_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptexp-probe-"):
+        pass
+
+
+# The OS errors that mean "this file cannot be written here", with what the user can do about it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "free space there or point MLFLOW_TRACKING_URI at a store on another disk",
+    errno.EDQUOT: "free space in your quota or point MLFLOW_TRACKING_URI at a store elsewhere",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or point MLFLOW_TRACKING_URI elsewhere",
+    errno.EROFS: "point MLFLOW_TRACKING_URI at a store on a writable file system",
+    errno.EACCES: "make the folder writable or point MLFLOW_TRACKING_URI at a writable store",
+    errno.EPERM: "make the folder writable or point MLFLOW_TRACKING_URI at a writable store",
+}
+# What SQLite says when it cannot write the store's database file.
+_STORE_WRITE_ERRORS = ("database or disk is full", "attempt to write a readonly database")
+
+
+@contextlib.contextmanager
+def write_failures(client):
+    """Wraps a tracked run: a file it cannot write becomes RunFailed, one line naming the file.
+
+    Put outside `tracked_run`, so the run is ended FAILED (with the error in gptexp.error) first.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        what = f"{(exc.strerror or '').lower()} writing {exc.filename or 'the run files'}"
+        raise RunFailed(f"{what}: {_WRITE_ERRORS[exc.errno]}") from None
+    except MlflowException as exc:
+        problem = next((p for p in _STORE_WRITE_ERRORS if p in str(exc)), None)
+        if problem is None:
+            raise
+        raise RunFailed(f"{problem} writing the MLflow store {redact(client.tracking_uri)} (the run may be left "
+                        "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI elsewhere") from None
 
 
 def _slug(name: str) -> str:
@@ -62,7 +174,10 @@ def _slug(name: str) -> str:
 
 
 def experiment_id(client, name: str) -> str:
-    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store."""
+    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store.
+
+    Called just before a run is created, it refuses a store or artifact folder that cannot be written.
+    """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -70,12 +185,14 @@ def experiment_id(client, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             raise GptexpError(f"experiment {name!r} is deleted in {redact(client.tracking_uri)}: "
                               "restore it in the MLflow UI or pick another --experiment")
+        require_writable(client, exp.artifact_location)
         return exp.experiment_id
     location = None
     store_dir = _sqlite_dir(client.tracking_uri)
     if store_dir is not None:
         # Otherwise MLflow puts artifacts under ./mlruns of whatever folder the job ran in.
         location = (store_dir / "artifacts" / _slug(name)).resolve().as_uri()
+    require_writable(client, location)
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:
@@ -87,7 +204,10 @@ def experiment_id(client, name: str) -> str:
 
 def local_artifact_dir(client, run_id: str) -> Path | None:
     """The run's artifact folder when it is on this file system, else None."""
-    uri = client.get_run(run_id).info.artifact_uri
+    return _local_path(client.get_run(run_id).info.artifact_uri)
+
+
+def _local_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
