@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GptexpError as exc:
-        print(f"gptexp: error: {exc}", file=sys.stderr)
+        from .provenance import redact  # messages quote storage URLs and driver errors
+
+        print(f"gptexp: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as exc:
         print(f"gptexp: training failed: {exc}", file=sys.stderr)

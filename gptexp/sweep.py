@@ -422,7 +422,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     seconds = time.monotonic() - t0
     result = {"COMPLETE": f"{spec.objective} {value:.4f}" if value is not None else "",
               "PRUNED": note, "FAIL": f"failed: {note}"}[state]
-    print(f"trial {trial.number}: {_fmt(params)} -> {result} ({seconds:.1f} s)", flush=True)
+    print(f"trial {trial.number}: {_fmt(params)} -> {redact(result)} ({seconds:.1f} s)", flush=True)
     if state == "COMPLETE":
         _log_best(ctx, study, trial.number, value, params, run_ids[0] if run_ids else None, client)
     return state
