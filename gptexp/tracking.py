@@ -3,8 +3,8 @@
 Every job is one MLflow run. The names below are the product's (dashboards depend on them):
 per-epoch `epoch_train_loss`, `epoch_val_loss`, `epoch_train_ppl`, `epoch_val_ppl`,
 `tokens_per_sec` (step = epoch, from 1); at the book's eval cadence `train_loss`, `val_loss`,
-`tokens_seen`, `lr` (step = global step, from 0); artifacts `samples/`, `checkpoints/`,
-`plots/`, `config/`, `environment/`.
+`tokens_seen`, `lr` (step = global step, from 0), and `tokens_seen` at each epoch's last step too;
+artifacts `samples/`, `checkpoints/`, `plots/`, `config/`, `environment/`.
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ class MlflowLogger(Callback):
         self._evals: list[EvalEvent] = []
         self._epochs: list[EpochEvent] = []
         self._steps_per_epoch = 1
+        # (metric, step) points already in the run: a resumed run re-runs its interrupted epoch.
+        self._logged: set[tuple[str, int]] = set()
 
     def on_start(self, event: StartEvent) -> None:
         c, rid = self.client, self.run_id
@@ -212,9 +214,13 @@ class MlflowLogger(Callback):
         self._log_dataset(event)
 
     def _reload_history(self, epochs_done: int) -> None:
-        """The losses logged before the interruption, so the plot of a resumed run is whole."""
+        """The points logged before the interruption: kept for the plot, and never logged twice."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        logged = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+        self._logged = {(k, step) for k, points in logged.items() for step in points}
+
         def history(key):
-            return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+            return logged.get(key, {})
 
         train, val, seen, lr = (history(k) for k in ("train_loss", "val_loss", "tokens_seen", "lr"))
         steps = sorted(s for s in val if s in train)
@@ -224,6 +230,15 @@ class MlflowLogger(Callback):
         etrain, eval_ = history("epoch_train_loss"), history("epoch_val_loss")
         self._epochs = [EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
                         for e in sorted(eval_) if e in etrain and e <= epochs_done]
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        """Log the points not in the run yet. MLflow cannot replace a point, so a step of the
+        interrupted epoch that a resumed run computes again keeps its first value: the same bits
+        on CPU in fp32 (the resume is exact there); elsewhere, the first trajectory's value."""
+        fresh = {k: v for k, v in values.items() if (k, step) not in self._logged}
+        if fresh:
+            log_metrics(self.client, self.run_id, fresh, step=step)
+            self._logged.update((k, step) for k in fresh)
 
     def _log_dataset(self, event: StartEvent) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -244,7 +259,7 @@ class MlflowLogger(Callback):
 
     def on_eval(self, event: EvalEvent) -> None:
         self._evals.append(event)
-        log_metrics(self.client, self.run_id, {
+        self._log({
             "train_loss": event.train_loss, "val_loss": event.val_loss,
             "tokens_seen": event.tokens_seen, "lr": event.lr,
         }, step=event.global_step)
@@ -252,11 +267,14 @@ class MlflowLogger(Callback):
     def on_epoch_end(self, event: EpochEvent) -> None:
         c, rid = self.client, self.run_id
         self._epochs.append(event)
-        log_metrics(c, rid, {
+        self._log({
             "epoch_train_loss": event.train_loss, "epoch_val_loss": event.val_loss,
             "epoch_train_ppl": event.train_ppl, "epoch_val_ppl": event.val_ppl,
             "tokens_per_sec": event.tokens_per_sec,
         }, step=event.epoch)
+        # Also at the epoch's last step, so a run ending between eval points still records all it
+        # trained on; when that step was an eval step the point is already there (same value).
+        self._log({"tokens_seen": event.tokens_seen}, step=event.global_step)
         c.log_table(rid, {"epoch": [event.epoch], "global_step": [event.global_step],
                           "prompt": [event.prompt], "completion": [event.completion]},
                     "samples/samples.json")
