@@ -143,9 +143,11 @@ def _load_for_inference(args, overrides=()):
 
     if args.run:
         from .jobs import run_checkpoint
-        from .tracking import get_client
+        from .tracking import get_client, resolve_run_id
 
-        folder = run_checkpoint(get_client(), args.run, args.which)
+        client = get_client()
+        args.run = resolve_run_id(client, args.run)  # the full id from here on (messages, tags)
+        folder = run_checkpoint(client, args.run, args.which)
         source = f"run {args.run} ({folder.name})"
     else:
         folder = ckpt.resolve_checkpoint_path(Path(args.checkpoint))

@@ -84,8 +84,8 @@ def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
 
 
 def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
-    """The folder of a run's `last` or `best` checkpoint."""
-    get_run(client, run_id)
+    """The folder of a run's `last` or `best` checkpoint (`run_id`: the id or a unique prefix)."""
+    run_id = get_run(client, run_id).info.run_id
     root, _ = run_checkpoints(client, run_id)
     index = ckpt.read_index(root)
     folder = root / index[which] if index.get(which) else None
@@ -101,6 +101,7 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
     client = client or get_client()
     info = get_run(client, run_id).info
+    run_id = info.run_id  # the full id, when given a prefix
     config = run_config(client, run_id)
     root, upload = run_checkpoints(client, run_id)
     folder = ckpt.latest_checkpoint(root)

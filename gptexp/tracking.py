@@ -95,14 +95,38 @@ def local_artifact_dir(client, run_id: str) -> Path | None:
     return None
 
 
-def get_run(client, run_id: str):
+# MLflow run ids are 32 lowercase hex digits; a prefix is searched only when it is one of those.
+_RUN_ID_PREFIX = re.compile(r"[0-9a-f]{1,32}")
+# How many runs a prefix search reads at most: enough to say "ambiguous" with a count.
+_PREFIX_MATCHES = 50
+
+
+def resolve_run_id(client, text: str) -> str:
+    """The full id of the run `text` names: its whole id, or any unique prefix (gptexp prints 8 characters)."""
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise GptexpError(f"no run {run_id!r} in the MLflow store {redact(client.tracking_uri)}: "
-                          "check the id (and MLFLOW_TRACKING_URI)") from None
+    store = redact(client.tracking_uri)
+    with contextlib.suppress(MlflowException):
+        return client.get_run(text).info.run_id
+    prefix = text.strip().lower()
+    runs = []
+    if _RUN_ID_PREFIX.fullmatch(prefix):
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        if experiments:
+            runs = client.search_runs(experiments, filter_string=f"attributes.run_id LIKE '{prefix}%'",
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=_PREFIX_MATCHES)
+    if not runs:
+        raise GptexpError(f"no run {text!r} in the MLflow store {store}: check the id (and MLFLOW_TRACKING_URI)")
+    if len(runs) > 1:
+        count = f"{len(runs)} or more" if len(runs) == _PREFIX_MATCHES else str(len(runs))
+        raise GptexpError(f"run id prefix {text!r} matches {count} runs in {store}: give more characters of the id")
+    return runs[0].info.run_id
+
+
+def get_run(client, run_id: str):
+    """The run `run_id` names (its id or a unique prefix); its full id is `.info.run_id`."""
+    return client.get_run(resolve_run_id(client, run_id))
 
 
 def _one_line(exc: BaseException) -> str:
