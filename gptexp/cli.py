@@ -189,17 +189,22 @@ def _load_for_inference(args, overrides=()):
 
     if args.run:
         from .jobs import run_checkpoint
-        from .tracking import get_client
+        from .tracking import get_client, resolve_run_id
 
-        folder = run_checkpoint(get_client(), args.run, args.which)
+        client = get_client()
+        args.run = resolve_run_id(client, args.run)  # the full id from here on (messages, tags)
+        folder = run_checkpoint(client, args.run, args.which)
         source = f"run {args.run} ({folder.name})"
     else:
         folder = ckpt.resolve_checkpoint_path(Path(args.checkpoint))
         source = str(folder)
+    model_cfg = ckpt.load_model_config(folder)
     config_path = folder / ckpt.RUN_CONFIG
     # A folder made outside `train` (e.g. imported weights) has only the model config.
-    raw = read_yaml(config_path) if config_path.is_file() else {"model": ckpt.load_model_config(folder)}
+    raw = read_yaml(config_path) if config_path.is_file() else {"model": model_cfg}
     config = from_dict(apply_overrides(raw, list(overrides)), origin=str(config_path))
+    given = ckpt.RUN_CONFIG + (" with --set" if overrides else "") if config_path.is_file() else "--set"
+    ckpt.check_config_fits(folder, model_cfg, config.model, given)
     model = ckpt.load_model(folder, impl=config.model.impl)
     return model, config, folder, source
 

@@ -351,6 +351,7 @@ def rerun(run_id: str, *, client=None, experiment: str | None = None, console: b
 
     client = client or get_client()
     source = get_run(client, run_id)
+    run_id = source.info.run_id  # the full id, when given a prefix
     config = jobs.run_config(client, run_id)
     if experiment is None:
         exp = client.get_experiment(source.info.experiment_id)
@@ -405,13 +406,14 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from .tracking import get_client
+    from .tracking import get_client, resolve_run_id
 
     client = get_client()
-    outcome = rerun(args.run_id, client=client, experiment=args.experiment, console=not args.quiet)
-    source = client.get_run(args.run_id).data.metrics
+    source_id = resolve_run_id(client, args.run_id)
+    outcome = rerun(source_id, client=client, experiment=args.experiment, console=not args.quiet)
+    source = client.get_run(source_id).data.metrics
     new = client.get_run(outcome.run_id).data.metrics
-    print(f"run {outcome.run_id} reran {args.run_id}")
+    print(f"run {outcome.run_id} reran {source_id}")
     for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen"):
         if key in source and key in new:
             same = "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}"

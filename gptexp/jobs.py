@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import checkpoint as ckpt
 import torch
 
-from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict
+from . import checkpoint as ckpt
+from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
 from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
@@ -115,18 +115,19 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
 
 def run_config(client, run_id: str) -> Config:
     """The resolved config a run recorded in config/config.yaml."""
-    import yaml
-
     with tempfile.TemporaryDirectory() as tmp:
+        local = local_artifact_dir(client, run_id)
+        path = local / "config" / "config.yaml" if local is not None else None
+        if path is None or not path.is_file():
+            try:
+                path = Path(client.download_artifacts(run_id, "config/config.yaml", tmp))
+            except Exception:
+                raise GptexpError(f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train") from None
         try:
-            path = client.download_artifacts(run_id, "config/config.yaml", tmp)
-        except Exception:
-            raise GptexpError(f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train") from None
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    try:
-        return from_dict(raw, origin=f"run {run_id} config")
-    except ConfigError as exc:
-        raise GptexpError(f"run {run_id}'s recorded config is no longer valid: {exc}") from None
+            # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
+            return from_dict(read_yaml(path), origin=f"run {run_id} config")
+        except ConfigError as exc:
+            raise GptexpError(f"run {run_id}'s recorded config cannot be used: {exc}") from None
 
 
 def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
@@ -143,8 +144,8 @@ def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
 
 
 def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
-    """The folder of a run's `last` or `best` checkpoint."""
-    get_run(client, run_id)
+    """The folder of a run's `last` or `best` checkpoint (`run_id`: the id or a unique prefix)."""
+    run_id = get_run(client, run_id).info.run_id
     root, _ = run_checkpoints(client, run_id)
     index = ckpt.read_index(root)
     folder = root / index[which] if index.get(which) else None
@@ -160,13 +161,18 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
     client = client or get_client()
     info = get_run(client, run_id).info
+    run_id = info.run_id  # the full id, when given a prefix
     config = run_config(client, run_id)
     root, upload = run_checkpoints(client, run_id)
     folder = ckpt.latest_checkpoint(root)
     if folder is None:
         raise GptexpError(f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
                           "or used checkpoint.keep=none): start a new run instead")
-    done = int(ckpt.load_state(folder)["epoch"])
+    done = ckpt.load_state(folder)["epoch"]
+    # The whole checkpoint is checked before the run is reopened, so a damaged one leaves it as it was.
+    model_cfg = ckpt.load_model_config(folder)
+    ckpt.check_config_fits(folder, model_cfg, config.model, f"run {run_id}'s config")
+    ckpt.check_weights(folder, model_cfg)
     if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")

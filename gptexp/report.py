@@ -336,7 +336,7 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
     from .tracking import get_run
 
     a, b = get_run(client, run_a), get_run(client, run_b)
-    name_a, name_b = a.info.run_name or run_a[:8], b.info.run_name or run_b[:8]
+    name_a, name_b = a.info.run_name or a.info.run_id[:8], b.info.run_name or b.info.run_id[:8]
     label_a, label_b = f"A {name_a} ({a.info.run_id[:8]})", f"B {name_b} ({b.info.run_id[:8]})"
     out = [f"{label_a}  vs  {label_b}", ""]
 

@@ -318,12 +318,17 @@ def _save(root: Path, config: Config, model, optimizer, scaler, loop: dict, runt
 
 
 def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> dict:
-    model.load_state_dict(ckpt.load_weights(folder), strict=True)
     state = ckpt.load_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and runtime.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+    try:
+        model.load_state_dict(ckpt.load_weights(folder), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
+        raise ckpt.CheckpointError(f"checkpoint {folder} does not fit this run's model and optimizer "
+                                   f"({ckpt._first_line(exc)}): use another") from None
     return {k: state[k] for k in ("epoch", "global_step", "tokens_seen", "best_val_loss", "best_epoch")}

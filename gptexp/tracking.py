@@ -3,8 +3,8 @@
 Every job is one MLflow run. The names below are the product's (dashboards depend on them):
 per-epoch `epoch_train_loss`, `epoch_val_loss`, `epoch_train_ppl`, `epoch_val_ppl`,
 `tokens_per_sec` (step = epoch, from 1); at the book's eval cadence `train_loss`, `val_loss`,
-`tokens_seen`, `lr` (step = global step, from 0); artifacts `samples/`, `checkpoints/`,
-`plots/`, `config/`, `environment/`.
+`tokens_seen`, `lr` (step = global step, from 0), and `tokens_seen` at each epoch's last step too;
+artifacts `samples/`, `checkpoints/`, `plots/`, `config/`, `environment/`.
 """
 
 from __future__ import annotations
@@ -216,14 +216,38 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
-def get_run(client, run_id: str):
+# MLflow run ids are 32 lowercase hex digits; a prefix is searched only when it is one of those.
+_RUN_ID_PREFIX = re.compile(r"[0-9a-f]{1,32}")
+# How many runs a prefix search reads at most: enough to say "ambiguous" with a count.
+_PREFIX_MATCHES = 50
+
+
+def resolve_run_id(client, text: str) -> str:
+    """The full id of the run `text` names: its whole id, or any unique prefix (gptexp prints 8 characters)."""
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise GptexpError(f"no run {run_id!r} in the MLflow store {redact(client.tracking_uri)}: "
-                          "check the id (and MLFLOW_TRACKING_URI)") from None
+    store = redact(client.tracking_uri)
+    with contextlib.suppress(MlflowException):
+        return client.get_run(text).info.run_id
+    prefix = text.strip().lower()
+    runs = []
+    if _RUN_ID_PREFIX.fullmatch(prefix):
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        if experiments:
+            runs = client.search_runs(experiments, filter_string=f"attributes.run_id LIKE '{prefix}%'",
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=_PREFIX_MATCHES)
+    if not runs:
+        raise GptexpError(f"no run {text!r} in the MLflow store {store}: check the id (and MLFLOW_TRACKING_URI)")
+    if len(runs) > 1:
+        count = f"{len(runs)} or more" if len(runs) == _PREFIX_MATCHES else str(len(runs))
+        raise GptexpError(f"run id prefix {text!r} matches {count} runs in {store}: give more characters of the id")
+    return runs[0].info.run_id
+
+
+def get_run(client, run_id: str):
+    """The run `run_id` names (its id or a unique prefix); its full id is `.info.run_id`."""
+    return client.get_run(resolve_run_id(client, run_id))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -313,6 +337,8 @@ class MlflowLogger(Callback):
         self._evals: list[EvalEvent] = []
         self._epochs: list[EpochEvent] = []
         self._steps_per_epoch = 1
+        # (metric, step) points already in the run: a resumed run re-runs its interrupted epoch.
+        self._logged: set[tuple[str, int]] = set()
 
     def on_start(self, event: StartEvent) -> None:
         c, rid = self.client, self.run_id
@@ -343,9 +369,13 @@ class MlflowLogger(Callback):
         self._log_dataset(event)
 
     def _reload_history(self, epochs_done: int) -> None:
-        """The losses logged before the interruption, so the plot of a resumed run is whole."""
+        """The points logged before the interruption: kept for the plot, and never logged twice."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        logged = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+        self._logged = {(k, step) for k, points in logged.items() for step in points}
+
         def history(key):
-            return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+            return logged.get(key, {})
 
         train, val, seen, lr = (history(k) for k in ("train_loss", "val_loss", "tokens_seen", "lr"))
         steps = sorted(s for s in val if s in train)
@@ -355,6 +385,15 @@ class MlflowLogger(Callback):
         etrain, eval_ = history("epoch_train_loss"), history("epoch_val_loss")
         self._epochs = [EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
                         for e in sorted(eval_) if e in etrain and e <= epochs_done]
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        """Log the points not in the run yet. MLflow cannot replace a point, so a step of the
+        interrupted epoch that a resumed run computes again keeps its first value: the same bits
+        on CPU in fp32 (the resume is exact there); elsewhere, the first trajectory's value."""
+        fresh = {k: v for k, v in values.items() if (k, step) not in self._logged}
+        if fresh:
+            log_metrics(self.client, self.run_id, fresh, step=step)
+            self._logged.update((k, step) for k in fresh)
 
     def _log_dataset(self, event: StartEvent) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -375,7 +414,7 @@ class MlflowLogger(Callback):
 
     def on_eval(self, event: EvalEvent) -> None:
         self._evals.append(event)
-        log_metrics(self.client, self.run_id, {
+        self._log({
             "train_loss": event.train_loss, "val_loss": event.val_loss,
             "tokens_seen": event.tokens_seen, "lr": event.lr,
         }, step=event.global_step)
@@ -383,11 +422,14 @@ class MlflowLogger(Callback):
     def on_epoch_end(self, event: EpochEvent) -> None:
         c, rid = self.client, self.run_id
         self._epochs.append(event)
-        log_metrics(c, rid, {
+        self._log({
             "epoch_train_loss": event.train_loss, "epoch_val_loss": event.val_loss,
             "epoch_train_ppl": event.train_ppl, "epoch_val_ppl": event.val_ppl,
             "tokens_per_sec": event.tokens_per_sec,
         }, step=event.epoch)
+        # Also at the epoch's last step, so a run ending between eval points still records all it
+        # trained on; when that step was an eval step the point is already there (same value).
+        self._log({"tokens_seen": event.tokens_seen}, step=event.global_step)
         c.log_table(rid, {"epoch": [event.epoch], "global_step": [event.global_step],
                           "prompt": [event.prompt], "completion": [event.completion]},
                     "samples/samples.json")
