@@ -29,8 +29,8 @@ LR_SCHEDULES = ("constant", "cosine")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
-class ConfigError(GptexpError):
-    pass
+class ConfigError(GptexpError, ValueError):
+    """A bad config value; also a ValueError, the type that code catches for bad values."""
 
 
 @dataclass
