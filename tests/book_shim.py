@@ -1,11 +1,14 @@
 """A pytest plugin that puts gptexp behind the book's module names, to run the book's own tests.
 
-    python -m pytest -p book_shim --import-mode=importlib .../llms_from_scratch/tests/test_ch04.py
+    python -m pytest -p book_shim .../llms_from_scratch/tests/test_ch04.py
 
-(with this folder and the repository on PYTHONPATH), in a process of its own: every `llms_from_scratch.*` module the book's
-tests import is a stand-in holding gptexp's objects under the book's names, installed before
-collection: the book's own code is never imported, and a name gptexp does not offer fails the
-import ("cannot import name ...") instead of falling back to the book.
+with this folder and the repository on PYTHONPATH, in a process of its own (never import it into
+the suite's process: it replaces the book's modules there). Every `llms_from_scratch.*` module the
+book's tests import is a stand-in holding gptexp's objects under the book's names, installed
+before collection: the book's own code is never imported (checked at the end of the session), and
+a name gptexp does not offer fails the import ("cannot import name ...") instead of falling back
+to the book. Keep pytest's default import mode: `--import-mode=importlib` imports the book's
+package __init__ as the test files' parent.
 """
 
 from __future__ import annotations
