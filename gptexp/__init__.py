@@ -7,13 +7,14 @@ book's imports and give the same numbers.
 from .datasets import GPTDatasetV1, create_dataloader_v1, split_text
 from .evaluation import SplitLoss, calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
-from .model import GPT_CONFIG_124M, GPTModel, KVCache
+from .model import GPT_CONFIG_124M, GPTModel, GPTModelFast, KVCache
 from .tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPTModel",
+    "GPTModelFast",
     "GPT_CONFIG_124M",
     "KVCache",
     "GPTDatasetV1",

@@ -40,8 +40,8 @@ MAX_EXPERIMENT_NAME = 200
 MAX_RUN_NAME = 250
 
 
-class ConfigError(GptexpError):
-    pass
+class ConfigError(GptexpError, ValueError):
+    """A bad config value; also a ValueError, the type that code catches for bad values."""
 
 
 class DuplicateKeyError(yaml.YAMLError):

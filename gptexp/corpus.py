@@ -173,6 +173,8 @@ def resolve_registry_file(
     try:
         with urllib.request.urlopen(entry.url, timeout=timeout) as response:
             _write_verified(response, target, entry.sha256, f"the download from {entry.url}", name)
+    except CorpusError:
+        raise  # a wrong checksum already says what is wrong; the ValueError clause below must not re-wrap it
     # URLError, HTTPError and timeouts are all OSError; a truncated response is an HTTPException.
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise CorpusError(f"{offline} (download from {entry.url} failed: {_one_line(e)}{mirror_note})") from None
