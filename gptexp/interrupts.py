@@ -10,12 +10,12 @@ safe points (`check()`): each training step, each evaluation batch, each generat
 start of a run, and between sweep trials. Cleanup never calls `check()`, so a second signal can
 never interrupt it.
 
-Outside a job nothing can be left half-written in a store (files are written to a temp path and
-renamed), so there the first signal raises at once, as Python's own Ctrl-C does, and commands such
-as `report` or `compare` still stop promptly. Should that raise be swallowed (a GC callback again),
-the request stays recorded and the next `check()` or the start of a run honours it. Once a stop
-has been raised, later signals are only recorded: the exit path (a run's cleanup, the one line
-"gptexp: interrupted", exit 130) runs to its end.
+Outside a job each write stands alone and is atomic (a file written to a temp path and renamed,
+one database transaction), so there the first signal raises at once, as Python's own Ctrl-C does,
+and commands with no run (`generate`, `report`, `compare`) still stop promptly. Should that raise
+be swallowed (a GC callback again), the request stays recorded and the next `check()` or the
+start of a run honours it. Once a stop has been raised, later signals are only recorded: the exit
+path (a run's cleanup, the one line "gptexp: interrupted", exit 130) runs to its end.
 
 Signals are delivered to a process, not to an object, so the request is process-wide state.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 from .errors import Terminated
 
@@ -91,8 +92,6 @@ def deferred():
 def sleep(seconds: float, step: float = 0.1) -> None:
     """time.sleep that returns early once a stop is requested (a handler that does not raise
     lets time.sleep run its full length)."""
-    import time
-
     deadline = time.monotonic() + seconds
     while _request.signum is None:
         left = deadline - time.monotonic()

@@ -854,8 +854,9 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
                          "use another --study name")
     _check_same_search(study, spec)
     if not study.trials:
-        for point in spec.enqueue:
-            study.enqueue_trial(point)
+        with interrupts.deferred():  # all of them: a resumed study (it has trials) never enqueues the rest
+            for point in spec.enqueue:
+                study.enqueue_trial(point)
     client = get_client()
     with interrupts.deferred():  # from the parent run's (re)opening until it has ended
         parent = _parent_run(client, spec, study, storage_url)

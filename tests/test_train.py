@@ -227,11 +227,11 @@ DRIVER = Path(__file__).with_name("signal_driver.py")
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, verdict_text) -> list[str]:
     """`train` arguments for a run that reaches its training loop quickly: a small model on the
-    head of the-verdict, 3 epochs of ~20 steps, so that signals land well before its end."""
+    head of the-verdict, 5 epochs of ~20 steps, so that signals land well before its end."""
     corpus = tmp_path_factory.mktemp("signals") / "verdict-head.txt"
     corpus.write_text(verdict_text[:3000], encoding="utf-8")
     overrides = {"model.context_length": 16, "model.emb_dim": 16, "train.batch_size": 2, "train.eval_iter": 1,
-                 "train.threads": 1, "train.num_epochs": 3, "sample.max_new_tokens": 3, "data.source": corpus}
+                 "train.threads": 1, "train.num_epochs": 5, "sample.max_new_tokens": 3, "data.source": corpus}
     return ["--config", str(TINY), *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]
 
 
