@@ -10,7 +10,6 @@ class RunFailed(Exception):
     the CLI prints the message, which names the file and what to do, as one line and exits 1."""
 
 
-
 class CorpusError(GptexpError, ValueError):
     """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short.
 

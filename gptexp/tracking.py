@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: there, two jobs opening a new SQLite store at once can still race
+    fcntl = None
+
 from . import interrupts
 from .errors import INTERRUPTS, GptexpError, RunFailed
 from .provenance import environment_tags, git_state, pip_freeze, redact
@@ -67,18 +72,14 @@ def _first_use_lock(uri: str):
     """
     db = _sqlite_path(uri)
     fd = None
-    if db is not None:
+    if db is not None and fcntl is not None:
         try:
-            import fcntl  # POSIX; elsewhere the race stays possible
-        except ImportError:
-            fcntl = None
-        try:
-            fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl is not None else None
+            fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            # An existing store in a read-only folder can still be read (report, compare).
             if not db.is_file():
                 raise GptexpError(f"cannot create the MLflow store {db} ({exc.strerror}): create a writable "
                                   "folder for it or point MLFLOW_TRACKING_URI elsewhere") from None
-            # An existing store in a read-only folder can still be read (report, compare).
     if fd is None:
         yield
         return
