@@ -54,7 +54,7 @@ ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5
 reproduce: $(STAMP) ## rerun the book's chapter-5 job (experiments/ch05-verdict.yaml) and check every eval point against the book
 	$(VENV)/bin/gptexp reproduce ch05-verdict
 
-report: $(STAMP) ## a table of the latest sweep's trials (else the gptexp experiment's runs), best first
+report: $(STAMP) ## a table of the latest sweep's trials (else the latest experiment's runs), best first
 	$(VENV)/bin/gptexp report
 
 bench: $(STAMP) ## measure gptexp against the book's implementation (writes bench-results/*.json, logs to MLflow)

@@ -8,13 +8,14 @@ from .book import evaluate_model, generate_and_print_sample, plot_losses, train_
 from .datasets import GPTDatasetV1, create_dataloader_v1, split_text
 from .evaluation import SplitLoss, calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
-from .model import GPT_CONFIG_124M, GPTModel, KVCache
+from .model import GPT_CONFIG_124M, GPTModel, GPTModelFast, KVCache
 from .tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPTModel",
+    "GPTModelFast",
     "GPT_CONFIG_124M",
     "KVCache",
     "GPTDatasetV1",

@@ -9,16 +9,58 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
-import signal
 import sys
 import warnings
 
-from .errors import INTERRUPTS, GptexpError, Terminated
+from . import interrupts
+from .errors import INTERRUPTS, GptexpError, RunFailed
 
 EXIT_BAD_INPUT = 2
+# Below this temperature sampling is greedy in all but name, and logits / T overflow to inf as
+# T nears float32's smallest values; above the upper bound it is uniform noise.
+TEMPERATURE_RANGE = (0.01, 100.0)
 # Modules that add their own subcommands: each has register(subparsers), setting func=... on its parsers.
 COMMAND_MODULES = ("sweep", "experiments", "report", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one line every other bad input gets (subcommand parsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"gptexp: error: {message}; see '{self.prog} --help'\n")
+
+
+def _int_in(low: int, high: int):
+    """An argparse type: an integer written in digits, from low to high."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high} (got {text!r})")
+        return value
+
+    return parse
+
+
+def _temperature(text: str) -> float:
+    low, high = TEMPERATURE_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value == 0.0 or low <= value <= high):
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or from {low:g} to {high:g} (got {text!r})")
+    return value
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty or blank: give the text to continue, e.g. --prompt 'Every effort moves you'")
+    return text
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -34,7 +76,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .config import MAX_NEW_TOKENS, MAX_SEED
+
+    parser = _Parser(
         prog="gptexp",
         description="Pretrain GPT-2-style models as in chapter 5 of 'Build a Large Language Model (From Scratch)', "
                     "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
@@ -58,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.set_defaults(func=cmd_generate)
     _add_source(p)
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K")
-    p.add_argument("--seed", type=int, default=123, metavar="S")
+    p.add_argument("--prompt", required=True, type=_prompt, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_int_in(0, MAX_NEW_TOKENS), default=50, metavar="N")
+    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+                   help=f"0 = greedy (default), else from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}")
+    p.add_argument("--top-k", type=_int_in(1, 2**31 - 1), default=None, metavar="K")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=123, metavar="S")
 
     for name in COMMAND_MODULES:
         importlib.import_module(f"gptexp.{name}").register(sub)
@@ -70,26 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()
     args = build_parser().parse_args(argv)
     # MLflow's store-migration notices and artifact progress bars drown the training log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-
-    def _terminate(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _one_line_warnings(warnings.showwarning)
     from .runner import NonFiniteLoss
 
     try:
         return args.func(args)
     except GptexpError as exc:
-        print(f"gptexp: error: {exc}", file=sys.stderr)
+        from .provenance import redact  # messages quote storage URLs and driver errors
+
+        print(f"gptexp: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as exc:
         print(f"gptexp: training failed: {exc}", file=sys.stderr)
+        return 1
+    except RunFailed as exc:
+        print(f"gptexp: run failed: {exc}", file=sys.stderr)
         return 1
     except INTERRUPTS:
         print("gptexp: interrupted", file=sys.stderr)
@@ -143,17 +189,22 @@ def _load_for_inference(args, overrides=()):
 
     if args.run:
         from .jobs import run_checkpoint
-        from .tracking import get_client
+        from .tracking import get_client, resolve_run_id
 
-        folder = run_checkpoint(get_client(), args.run, args.which)
+        client = get_client()
+        args.run = resolve_run_id(client, args.run)  # the full id from here on (messages, tags)
+        folder = run_checkpoint(client, args.run, args.which)
         source = f"run {args.run} ({folder.name})"
     else:
         folder = ckpt.resolve_checkpoint_path(Path(args.checkpoint))
         source = str(folder)
+    model_cfg = ckpt.load_model_config(folder)
     config_path = folder / ckpt.RUN_CONFIG
     # A folder made outside `train` (e.g. imported weights) has only the model config.
-    raw = read_yaml(config_path) if config_path.is_file() else {"model": ckpt.load_model_config(folder)}
+    raw = read_yaml(config_path) if config_path.is_file() else {"model": model_cfg}
     config = from_dict(apply_overrides(raw, list(overrides)), origin=str(config_path))
+    given = ckpt.RUN_CONFIG + (" with --set" if overrides else "") if config_path.is_file() else "--set"
+    ckpt.check_config_fits(folder, model_cfg, config.model, given)
     model = ckpt.load_model(folder, impl=config.model.impl)
     return model, config, folder, source
 
@@ -164,7 +215,7 @@ def cmd_eval(args) -> int:
     from .runtime import resolve_runtime
 
     model, config, folder, source = _load_for_inference(args, args.overrides)
-    data = preflight(config)
+    data = preflight(config, training=False)
     rt = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
     model.to(rt.device)
     ctx, bs = config.model.context_length, config.train.eval_batch_size
@@ -181,13 +232,15 @@ def cmd_eval(args) -> int:
 
 
 def _track_eval(config, args, folder, data, rows) -> None:
-    from .tracking import TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run
+    from .tracking import (TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run,
+                           write_failures)
 
     client = get_client()
     tags = {TAG_JOB: "eval", "gptexp.checkpoint": str(folder), "gptexp.corpus_sha256": data.corpus.sha256}
     if args.run:
         tags["gptexp.source_run"] = args.run
-    with tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
+    with write_failures(client), \
+            tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
         log_flat_params(client, run_id, run_params(config))
         values = {}
         for name, r in rows:
@@ -202,8 +255,6 @@ def cmd_generate(args) -> int:
     from .generation import generate, text_to_token_ids, token_ids_to_text
     from .tokenizer import get_tokenizer
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise GptexpError("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
     model, config, _, _ = _load_for_inference(args)
     tokenizer = get_tokenizer("gpt2")
     torch.manual_seed(args.seed)

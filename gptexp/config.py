@@ -27,10 +27,63 @@ KEEP = ("last", "best", "both", "all", "none")
 LR_SCHEDULES = ("constant", "cosine")
 # YAML 1.1 reads 4e-4 (no dot) as a string; users write it that way, so floats accept it.
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# torch.manual_seed takes 0 .. 2**64 - 1 (and maps negatives into that range; we refuse them).
+MAX_SEED = 2**64 - 1
+# A sample is for reading: far past this, each epoch's sample (one forward per token) would take
+# longer than the training it follows.
+MAX_NEW_TOKENS = 10_000
+# libgomp allocates per-thread state up front; a billion threads aborts the process.
+MAX_THREADS = 1024
+# An experiment's name, slugged, names its artifact folder (file systems allow 255 bytes per name);
+# MLflow's runs.name column holds 250 characters.
+MAX_EXPERIMENT_NAME = 200
+MAX_RUN_NAME = 250
 
 
-class ConfigError(GptexpError):
-    pass
+class ConfigError(GptexpError, ValueError):
+    """A bad config value; also a ValueError, the type that code catches for bad values."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names a key twice: YAML would keep the last silently, dropping the first."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"has the key {key!r} twice (lines {first_line} and {line}): keep one")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags beyond plain data) that refuses duplicate keys at any depth."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` entries are meant to be overridden by explicit keys
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the base constructor says so
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data; yaml.YAMLError (DuplicateKeyError for a key given twice) if it is not."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML file, as the end of a sentence that starts with its name."""
+    if isinstance(exc, DuplicateKeyError):
+        return str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"is not valid YAML{where}: fix its syntax"
 
 
 @dataclass
@@ -162,14 +215,23 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
+            # Past 2**53 a float has dropped digits: 1e23 is not the integer the user wrote.
+            if abs(value) > 2**53:
+                raise ConfigError(f"{key} must be an integer written in digits (got {value!r}, "
+                                  "a float too large to be exact)")
             return int(value)
         raise ConfigError(f"{key} must be an integer (got {value!r})")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        raise ConfigError(f"{key} must be a number (got {value!r})")
+            out = float(value)
+        elif isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            out = float(value)
+        else:
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        # No key means anything by nan or inf (grad_clip's "off" is null), and they pass range checks.
+        if not math.isfinite(out):
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
+        return out
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -244,16 +306,29 @@ def validate(cfg: Config) -> None:
     _check(t.eval_iter >= 1, f"train.eval_iter must be at least 1 (got {t.eval_iter})")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     _check(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null (got {t.grad_clip})")
-    _check(t.threads >= 0, f"train.threads must be >= 0, 0 meaning one per core (got {t.threads})")
+    _check(0 <= t.threads <= MAX_THREADS,
+           f"train.threads must be from 0 (one per core) to {MAX_THREADS} (got {t.threads})")
+    _check(0 <= t.seed <= MAX_SEED, f"train.seed must be from 0 to 2**64-1, torch's seed range (got {t.seed})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be at least 1 (got {t.eval_batch_size})")
     _check(t.device in DEVICES or t.device.startswith("cuda:"),
            f"train.device must be one of {', '.join(DEVICES)} or cuda:N (got {t.device!r})")
     _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
     _check(t.lr_schedule in LR_SCHEDULES,
            f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {t.lr_schedule!r})")
-    _check(cfg.sample.max_new_tokens >= 0, f"sample.max_new_tokens must be >= 0 (got {cfg.sample.max_new_tokens})")
+    _check(0 <= cfg.sample.max_new_tokens <= MAX_NEW_TOKENS,
+           f"sample.max_new_tokens must be from 0 to {MAX_NEW_TOKENS} (got {cfg.sample.max_new_tokens})")
+    _check(bool(cfg.sample.start_context.strip()),
+           "sample.start_context is empty or blank: give the text each epoch's sample continues, e.g. 'Every effort moves you'")
     _check(cfg.checkpoint.keep in KEEP, f"checkpoint.keep must be one of {', '.join(KEEP)} (got {cfg.checkpoint.keep!r})")
-    _check(bool(cfg.experiment.strip()), "experiment must not be empty")
+    check_name("experiment", cfg.experiment, MAX_EXPERIMENT_NAME)
+
+
+def check_name(what: str, name: str, limit: int) -> str:
+    """`name` if it can name an MLflow experiment or run (`what` says which option gave it)."""
+    _check(bool(name.strip()), f"{what} is blank: give a name")
+    _check(len(name) <= limit, f"{what} is {len(name)} characters long; the limit is {limit}: give a shorter name")
+    _check(name.isprintable(), f"{what} {name!r} holds control characters (e.g. a newline): use printable text")
+    return name
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -304,13 +379,11 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist: give the path of a YAML file, e.g. configs/tiny.yaml")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: fix its syntax") from None
+        raise ConfigError(f"config file {p} {yaml_problem(exc)}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, not a {type(raw).__name__}")
     return raw or {}

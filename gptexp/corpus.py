@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import stat
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from gptexp.errors import CorpusError
 
 MIRROR_ENV = "GPTEXP_DATA_MIRROR"
 DATA_DIR_ENV = "GPTEXP_DATA_DIR"
+MAX_BYTES_ENV = "GPTEXP_MAX_CORPUS_BYTES"
+# The whole text is held in memory and encoded in one call (a Python int per token on the way),
+# so a corpus above ~1 GiB needs far more RAM than a laptop has; raise it on a bigger machine.
+MAX_CORPUS_BYTES = 2**30
 # GPT-2 was trained with this token between documents, so joined files must not run together.
 DOC_SEPARATOR = "<|endoftext|>"
 _REQUIRED_FIELDS = ("file", "url", "sha256", "licence")
@@ -138,6 +143,8 @@ def resolve_registry_file(
     target = data_dir / "raw" / entry.file
 
     stale = ""
+    if target.exists() and not target.is_file():
+        raise CorpusError(f"{target} is {_kind(target.stat().st_mode)}, not corpus {name!r}'s file: remove it")
     if target.is_file():
         actual = _sha256_file(target)
         if actual == entry.sha256:
@@ -166,17 +173,86 @@ def resolve_registry_file(
     try:
         with urllib.request.urlopen(entry.url, timeout=timeout) as response:
             _write_verified(response, target, entry.sha256, f"the download from {entry.url}", name)
+    except CorpusError:
+        raise  # a wrong checksum already says what is wrong; the ValueError clause below must not re-wrap it
     # URLError, HTTPError and timeouts are all OSError; a truncated response is an HTTPException.
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise CorpusError(f"{offline} (download from {entry.url} failed: {_one_line(e)}{mirror_note})") from None
     return target
 
 
-def _read_text(path: Path) -> str:
+def max_corpus_bytes() -> int:
+    """The corpus size limit: $GPTEXP_MAX_CORPUS_BYTES, read at call time, else MAX_CORPUS_BYTES."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_CORPUS_BYTES
     try:
-        data = path.read_bytes()
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise CorpusError(f"{MAX_BYTES_ENV}={raw!r} must be a positive number of bytes (default {MAX_CORPUS_BYTES})")
+    return limit
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _too_big(what: str, limit: int) -> CorpusError:
+    return CorpusError(
+        f"{what} is larger than the {_size(limit)} limit for a corpus held in memory; "
+        f"use a smaller corpus, or set {MAX_BYTES_ENV} to a higher number of bytes if this machine has the memory"
+    )
+
+
+def _read_bytes(path: Path, budget: int, limit: int, whole: str) -> bytes:
+    """At most `budget` bytes of the regular file `path`; anything else is refused before it is opened.
+
+    Opening a FIFO blocks until a writer comes and /dev/zero never ends, so the kind of file is
+    checked with stat first; the descriptor is opened non-blocking and checked again (the path may
+    have changed in between), and the read stops one byte past the budget (the file may grow).
+    `whole` names what the `limit` applies to, for the error.
+    """
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is /dev/zero
+        if not stat.S_ISREG(mode):
+            raise CorpusError(f"corpus file {path} is {_kind(mode)}: only regular files (and folders of .txt files) "
+                              "are corpora; give a text file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno())
+            if not stat.S_ISREG(size.st_mode):
+                raise CorpusError(f"corpus file {path} is {_kind(size.st_mode)}: only regular files are corpora")
+            if size.st_size > budget:
+                raise _too_big(whole, limit)
+            # Sized by stat, since read(n) sets n bytes aside; a file that grew (or a /proc file,
+            # which says 0) is read on, still bounded.
+            want = size.st_size + 1
+            data = f.read(want)
+            if len(data) == want:
+                data += f.read(budget + 1 - len(data))
     except OSError as e:
         raise CorpusError(f"cannot read corpus file {path}: {_one_line(e.strerror or e)}") from None
+    if len(data) > budget:
+        raise _too_big(whole, limit)
+    return data
+
+
+def _read_text(path: Path) -> str:
+    limit = max_corpus_bytes()
+    return _decode(path, _read_bytes(path, limit, limit, f"corpus file {path}"))
+
+
+def _decode(path: Path, data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -187,6 +263,36 @@ def _read_text(path: Path) -> str:
     if not text.strip():
         raise CorpusError(f"corpus file {path} is empty or only whitespace; give a file that holds text")
     return text
+
+
+def _folder_files(path: Path) -> tuple[Path, ...]:
+    """The folder's .txt files, sorted so the same folder always yields the same text and checksum."""
+    files = []
+    for p in sorted(path.glob("*.txt"), key=lambda p: p.name):
+        try:
+            mode = p.stat().st_mode
+        except OSError as e:
+            raise CorpusError(f"cannot read corpus file {p}: {_one_line(e.strerror or e)}") from None
+        if stat.S_ISDIR(mode):
+            continue  # subfolders are not searched, whatever their name
+        if not stat.S_ISREG(mode):
+            raise CorpusError(f"{p} in corpus folder {path} is {_kind(mode)}: a corpus folder may only hold "
+                              "regular .txt files; remove it or rename it")
+        files.append(p)
+    if not files:
+        raise CorpusError(f"folder {path} holds no .txt files (subfolders are not searched); add some")
+    return tuple(files)
+
+
+def _read_folder(path: Path, files: tuple[Path, ...]) -> str:
+    """The files' texts joined by DOC_SEPARATOR, the size limit applying to all of them together."""
+    limit = budget = max_corpus_bytes()
+    texts = []
+    for f in files:
+        data = _read_bytes(f, budget, limit, f"the .txt files of corpus folder {path}")
+        budget -= len(data)
+        texts.append(_decode(f, data))
+    return DOC_SEPARATOR.join(texts)
 
 
 def load_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, **resolve_kwargs) -> Corpus:
@@ -203,11 +309,9 @@ def load_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, **
         text = _read_text(file)
         return Corpus(str(source), text, sha256_text(text), (file,))
     if path.is_dir():
-        # Sorted so the same folder always yields the same text, and the same checksum.
-        files = tuple(sorted((p for p in path.glob("*.txt") if p.is_file()), key=lambda p: p.name))
-        if not files:
-            raise CorpusError(f"folder {path} holds no .txt files (subfolders are not searched); add some")
+        files = _folder_files(path)
+        text = _read_folder(path, files)
     else:
         files = (path,)
-    text = DOC_SEPARATOR.join(_read_text(f) for f in files)
+        text = _read_text(path)
     return Corpus(str(source), text, sha256_text(text), files)

@@ -5,8 +5,18 @@ class GptexpError(Exception):
     """Bad input that the user can fix; the message says what is wrong and how to fix it."""
 
 
-class CorpusError(GptexpError):
-    """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short."""
+class RunFailed(Exception):
+    """A run ended FAILED for a cause outside the code (disk full, a folder turned read-only):
+    the CLI prints the message, which names the file and what to do, as one line and exits 1."""
+
+
+
+class CorpusError(GptexpError, ValueError):
+    """A corpus that cannot be used: missing, empty, not UTF-8, wrong checksum, too short.
+
+    Also a ValueError: where the book's code fails on such data (or returns NaN), it fails with a
+    ValueError, and code written against the book catches that.
+    """
 
 
 class Terminated(BaseException):

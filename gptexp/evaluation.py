@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import interrupts
 from .errors import CorpusError
 
 
@@ -29,14 +30,26 @@ def calc_loss_loader(data_loader, model, device, num_batches=None) -> float:
     """The book's mean of batch losses over the first `num_batches` batches (all if None)."""
     if len(data_loader) == 0:
         # The book returns NaN here, which then poisons every comparison downstream.
-        raise CorpusError("the data loader is empty: use a longer corpus, a shorter context or a smaller batch")
+        raise CorpusError(f"the data loader is empty{_why_empty(data_loader)}: use a longer text, "
+                          "a shorter max_length (context_length), a smaller batch_size or drop_last=False")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total_loss = 0.0
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
+        interrupts.check()
         total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
     return total_loss / num_batches
+
+
+def _why_empty(data_loader) -> str:
+    """' (N window(s) of L tokens from T tokens, batch_size B[ with drop_last])' for our dataset's loaders."""
+    dataset = getattr(data_loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "max_length"):
+        return ""
+    drop = " with drop_last" if getattr(data_loader, "drop_last", False) else ""
+    return (f" ({len(dataset)} window(s) of {dataset.max_length} tokens from {len(dataset.token_ids)} tokens, "
+            f"batch_size {data_loader.batch_size}{drop})")
 
 
 def perplexity(loss) -> float:
@@ -81,6 +94,7 @@ def evaluate_split(model, token_ids, context_length: int, device, batch_size: in
             groups = [(full[i:i + batch_size], context_length) for i in range(0, len(full), batch_size)]
             groups += [([s], n) for s, n in tail]
             for starts, n in groups:
+                interrupts.check()
                 offsets = np.arange(n + 1)
                 batch = torch.from_numpy(ids[np.asarray(starts)[:, None] + offsets].astype(np.int64)).to(device)
                 logits = model(batch[:, :-1])

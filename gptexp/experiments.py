@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, from_dict, load_yaml, yaml_problem
 from .errors import GptexpError
 from .tables import aligned
 
@@ -106,13 +106,11 @@ def _spec_error(path: Path, message: str) -> GptexpError:
 
 def _read_yaml_mapping(path: Path, what: str) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GptexpError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise GptexpError(f"{what} {path} is not valid YAML{where}: fix its syntax") from None
+        raise GptexpError(f"{what} {path} {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise GptexpError(f"{what} {path} must hold a mapping, not {type(raw).__name__}")
     return raw
@@ -353,6 +351,7 @@ def rerun(run_id: str, *, client=None, experiment: str | None = None, console: b
 
     client = client or get_client()
     source = get_run(client, run_id)
+    run_id = source.info.run_id  # the full id, when given a prefix
     config = jobs.run_config(client, run_id)
     if experiment is None:
         exp = client.get_experiment(source.info.experiment_id)
@@ -407,13 +406,14 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_rerun(args) -> int:
-    from .tracking import get_client
+    from .tracking import get_client, resolve_run_id
 
     client = get_client()
-    outcome = rerun(args.run_id, client=client, experiment=args.experiment, console=not args.quiet)
-    source = client.get_run(args.run_id).data.metrics
+    source_id = resolve_run_id(client, args.run_id)
+    outcome = rerun(source_id, client=client, experiment=args.experiment, console=not args.quiet)
+    source = client.get_run(source_id).data.metrics
     new = client.get_run(outcome.run_id).data.metrics
-    print(f"run {outcome.run_id} reran {args.run_id}")
+    print(f"run {outcome.run_id} reran {source_id}")
     for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen"):
         if key in source and key in new:
             same = "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}"

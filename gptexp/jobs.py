@@ -6,20 +6,23 @@ splits, device), so bad input never leaves a run behind.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, from_dict
+from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
 from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
 from .runtime import resolve_device, resolve_precision
 from .splits import Splits, prepare_data
 from .tracking import (TAG_JOB, MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
-                       tracked_run)
+                       require_writable, tracked_run, write_failures)
 
 
 @dataclass
@@ -28,10 +31,62 @@ class TrainOutcome:
     result: RunResult
 
 
-def preflight(config: Config, data: Splits | None = None) -> Splits:
-    """Validate what a run needs before it exists: device, precision, corpus and splits."""
-    resolve_precision(config.train.precision, resolve_device(config.train.device))
-    return data or prepare_data(config)
+def preflight(config: Config, data: Splits | None = None, *, training: bool = True) -> Splits:
+    """Validate what a run needs before it exists: device, precision, memory, corpus and splits."""
+    device = resolve_device(config.train.device)
+    resolve_precision(config.train.precision, device)
+    check_model_fits(config.model, device, training=training)
+    data = data or prepare_data(config)
+    _check_start_context(config, data.tokenizer)
+    return data
+
+
+def parameter_count(m: ModelConfig) -> int:
+    """GPTModel's parameter count, from the config alone (embeddings, blocks, final norm, head)."""
+    e = m.emb_dim
+    block = 12 * e * e + 10 * e + (3 * e if m.qkv_bias else 0)
+    return 2 * m.vocab_size * e + m.context_length * e + m.n_layers * block + 2 * e
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_model_fits(m: ModelConfig, device: torch.device, *, training: bool = True) -> None:
+    """Refuse a model whose fp32 tensors cannot fit in memory, rather than crash or swap mid-run.
+
+    The model is built on the CPU, so its weights and per-layer causal masks (context_length^2
+    floats each) must fit there; on its device, training also holds gradients and AdamW's two moments.
+    """
+    params, masks = parameter_count(m), m.n_layers * m.context_length ** 2
+    on_device = 4 * ((4 if training else 1) * params + masks)
+    needs = [("this machine's", torch.device("cpu"), 4 * (params + masks))]
+    if device.type == "cpu":
+        needs = [("this machine's", device, on_device)]
+    elif device.type == "cuda":
+        needs.append(("the GPU's", device, on_device))
+    for where, dev, need in needs:
+        have = _memory_bytes(dev)
+        if have is not None and need > have:
+            gib = 2 ** 30
+            raise ConfigError(
+                f"model.* makes {params:,} parameters and {masks:,} causal-mask entries: {need / gib:,.1f} GiB "
+                f"in fp32{' to train' if training and dev == device else ''}, more than {where} {have / gib:,.1f} "
+                "GiB of memory: lower model.emb_dim, n_layers, context_length or vocab_size")
+
+
+def _check_start_context(config: Config, tokenizer) -> None:
+    ids = tokenizer.encode(config.sample.start_context, allowed_special={"<|endoftext|>"})
+    if not ids:
+        raise ConfigError("sample.start_context gives no tokens: give the text each epoch's sample continues")
+    if max(ids) >= config.model.vocab_size:
+        raise ConfigError(f"sample.start_context has token id {max(ids)} but model.vocab_size is "
+                          f"{config.model.vocab_size}: use vocab_size 50257 for the GPT-2 tokenizer")
 
 
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
@@ -39,11 +94,15 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
           data: Splits | None = None, client=None, console: bool = True,
           on_created: Callable[[str], None] | None = None) -> TrainOutcome:
     """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists."""
+    experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
+        else config.experiment
+    if run_name is not None:
+        check_name("run name", run_name, MAX_RUN_NAME)
     data = preflight(config, data)
     client = client or get_client()
-    experiment = experiment or config.experiment
     tags = {TAG_JOB: "train", **(tags or {})}
-    with tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
+    with write_failures(client), \
+            tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
         if on_created is not None:
             on_created(run_id)
         root, upload = checkpoint_root(client, run_id)
@@ -56,18 +115,19 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
 
 def run_config(client, run_id: str) -> Config:
     """The resolved config a run recorded in config/config.yaml."""
-    import yaml
-
     with tempfile.TemporaryDirectory() as tmp:
+        local = local_artifact_dir(client, run_id)
+        path = local / "config" / "config.yaml" if local is not None else None
+        if path is None or not path.is_file():
+            try:
+                path = Path(client.download_artifacts(run_id, "config/config.yaml", tmp))
+            except Exception:
+                raise GptexpError(f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train") from None
         try:
-            path = client.download_artifacts(run_id, "config/config.yaml", tmp)
-        except Exception:
-            raise GptexpError(f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train") from None
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    try:
-        return from_dict(raw, origin=f"run {run_id} config")
-    except ConfigError as exc:
-        raise GptexpError(f"run {run_id}'s recorded config is no longer valid: {exc}") from None
+            # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
+            return from_dict(read_yaml(path), origin=f"run {run_id} config")
+        except ConfigError as exc:
+            raise GptexpError(f"run {run_id}'s recorded config cannot be used: {exc}") from None
 
 
 def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
@@ -84,8 +144,8 @@ def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
 
 
 def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
-    """The folder of a run's `last` or `best` checkpoint."""
-    get_run(client, run_id)
+    """The folder of a run's `last` or `best` checkpoint (`run_id`: the id or a unique prefix)."""
+    run_id = get_run(client, run_id).info.run_id
     root, _ = run_checkpoints(client, run_id)
     index = ckpt.read_index(root)
     folder = root / index[which] if index.get(which) else None
@@ -101,18 +161,24 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
     client = client or get_client()
     info = get_run(client, run_id).info
+    run_id = info.run_id  # the full id, when given a prefix
     config = run_config(client, run_id)
     root, upload = run_checkpoints(client, run_id)
     folder = ckpt.latest_checkpoint(root)
     if folder is None:
         raise GptexpError(f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
                           "or used checkpoint.keep=none): start a new run instead")
-    done = int(ckpt.load_state(folder)["epoch"])
+    done = ckpt.load_state(folder)["epoch"]
+    # The whole checkpoint is checked before the run is reopened, so a damaged one leaves it as it was.
+    model_cfg = ckpt.load_model_config(folder)
+    ckpt.check_config_fits(folder, model_cfg, config.model, f"run {run_id}'s config")
+    ckpt.check_weights(folder, model_cfg)
     if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
     data = preflight(config)
-    with tracked_run(client, "", resume_run_id=run_id):
+    require_writable(client, info.artifact_uri)
+    with write_failures(client), tracked_run(client, "", resume_run_id=run_id):
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())

@@ -308,6 +308,21 @@ class GPTModel(nn.Module):
         return 6 * self.num_parameters(non_embedding=True) + 12 * L * d * T
 
 
+class GPTModelFast(GPTModel):
+    """The book's name for the fast model: `GPTModel` with `impl: fast`.
+
+    The book's GPTModelFast has its own parameter names (a fused `qkv`, torch's LayerNorm);
+    this one keeps GPTModel's, so checkpoints and state_dicts move freely between the two.
+    With qkv_bias False (the book's configs) a seeded init equals the book's GPTModelFast in
+    values: its `qkv` rows are our W_query, W_key and W_value weights, drawn in the same order.
+    """
+
+    def __init__(self, cfg: dict):
+        if cfg.get("impl", "fast") != "fast":
+            raise ValueError(f"GPTModelFast is impl 'fast', got impl {cfg['impl']!r}: use GPTModel for it")
+        super().__init__(dict(cfg, impl="fast"))
+
+
 def compile_blocks(model: GPTModel, **compile_kwargs) -> GPTModel:
     """Regional compilation: a view of `model` whose transformer blocks run under torch.compile.
 

@@ -13,15 +13,66 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# user:password@ in any URL (postgresql://u:p@host/db, https://u:p@host/...).
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# The start of a URL: a scheme that is not the tail of a longer word (so `--storage=postgresql://`
+# finds `postgresql`), then the user up to the first ':' as SQLAlchemy reads it (it may hold '@').
+_URL_USER = re.compile(r"(?<![\w+.\-])[A-Za-z][\w+.\-]*://(?P<user>[^:/\s]*):")
+# `password=...` in a URL query (ends at '&') or a libpq keyword DSN (ends at a blank, or quoted);
+# also sslpassword, passwd, pwd and prefixed names such as PGPASSWORD= or --db-password=.
+_KEY_PASSWORD = re.compile(
+    r"(?P<key>(?:^|(?<=[\s?&;]))[\w.\-]*(?:password|passwd|pwd)\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&#]*)",
+    re.IGNORECASE,
+)
+_AT_OR_BLANK = re.compile(r"[@\s]")
+_HOST_PART = re.compile(r"[^/?#@\s]*@")
+
+
+def _password_end(text: str, start: int) -> int:
+    """Where the password starting at text[start] ends (at an '@'), or -1 when there is none.
+
+    Drivers disagree on where a raw password ends, so this covers every reading. SQLAlchemy (which
+    Optuna and MLflow parse RDB URLs with) ends it at the first '@', so '/', ':', '?' and '#' may
+    appear raw in it; urllib (redis-py) ends the userinfo at the last '@' of the authority, so
+    '@' may appear raw too. The password therefore runs to the last '@' before the host part:
+    further '@'s count while no '/', '?' or '#' separates them. A URL ends at whitespace.
+    """
+    at = _AT_OR_BLANK.search(text, start)
+    if at is None or at.group() != "@":
+        return -1
+    end = at.start()
+    while more := _HOST_PART.match(text, end + 1):
+        end = more.end() - 1
+    return end
+
+
+def _redact_urls(text: str) -> str:
+    out, pos, no_password_before = [], 0, 0
+    for m in _URL_USER.finditer(text):
+        # Skip a match inside a password already redacted, or in a stretch already seen to hold none
+        # (which also keeps this linear on long texts).
+        if m.start() < pos or m.end() < no_password_before:
+            continue
+        end = _password_end(text, m.end())
+        if end < 0:
+            blank = _AT_OR_BLANK.search(text, m.end())
+            no_password_before = blank.start() if blank else len(text)
+            continue
+        out.append(text[pos:m.end()] + "***")
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def redact(value):
-    """`value` with any password inside a URL replaced by ***; non-strings unchanged."""
+    """`value` with every password in it replaced by ***; user names and hosts stay readable.
+
+    Finds URL passwords (`postgresql://user:pw@host/db`, `redis://:pw@host:6379/0`, raw or
+    percent-encoded, in a bare URL or anywhere in a longer text such as a command line or an
+    error message) and `password=` values of URL queries and libpq keyword DSNs.
+    Non-strings are returned unchanged.
+    """
     if not isinstance(value, str):
         return value
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return _KEY_PASSWORD.sub(lambda m: m["key"] + "***", _redact_urls(value))
 
 
 def _git(*args: str) -> str | None:

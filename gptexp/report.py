@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GptexpError
+from .provenance import redact
 from .sweep import TAG_STUDY, TAG_TRIAL
 from .tables import aligned
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
 TAG_STATE = "optuna.state"
-DEFAULT_EXPERIMENT = "gptexp"
 # Metrics where more is better; every other metric (losses, perplexities) is best when lowest.
 HIGHER_IS_BETTER = ("tokens_per_sec",)
 # Provenance tags that `compare` shows when they differ.
@@ -66,8 +66,15 @@ def known_studies(client) -> list[str]:
 
 
 def latest_study(client) -> str | None:
-    runs = _search(client, "tags.`gptexp.job` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1)
+    """The study whose trial started last (a sweep stopped before its first trial has nothing to show)."""
+    runs = _search(client, "tags.`gptexp.job` = 'trial'", order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].data.tags.get(TAG_STUDY) if runs else None
+
+
+def latest_experiment(client) -> str | None:
+    """The experiment of the run that started last, whatever made it."""
+    runs = _search(client, order_by=["attributes.start_time DESC"], max_results=1)
+    return client.get_experiment(runs[0].info.experiment_id).name if runs else None
 
 
 def study_runs(client, study: str) -> list:
@@ -192,7 +199,11 @@ def build_report(client, *, experiment: str | None = None, study: str | None = N
     if experiment is None and study is None:
         study = latest_study(client)
         if study is None:
-            experiment = DEFAULT_EXPERIMENT
+            experiment = latest_experiment(client)
+        if study is None and experiment is None:
+            raise GptexpError(f"nothing to report yet: the MLflow store {redact(client.tracking_uri)} holds no runs; "
+                              "make some with `gptexp train --config configs/tiny.yaml` or `make sweep` "
+                              "(or point MLFLOW_TRACKING_URI at the store that holds them)")
     if study is not None:
         runs = study_runs(client, study)
         frame = runs_frame(client, runs, metric, study=True)
@@ -336,7 +347,7 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
     from .tracking import get_run
 
     a, b = get_run(client, run_a), get_run(client, run_b)
-    name_a, name_b = a.info.run_name or run_a[:8], b.info.run_name or run_b[:8]
+    name_a, name_b = a.info.run_name or a.info.run_id[:8], b.info.run_name or b.info.run_id[:8]
     label_a, label_b = f"A {name_a} ({a.info.run_id[:8]})", f"B {name_b} ({b.info.run_id[:8]})"
     out = [f"{label_a}  vs  {label_b}", ""]
 
@@ -380,7 +391,8 @@ def _plain_table(header: list[str], rows: list[list[str]], right: set[int] = fro
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="a table of runs or of a study's trials, best first",
-                              description="Default: the latest sweep's study, else the gptexp experiment.")
+                              description="Default: the study of the latest sweep trial, else the experiment "
+                                          "of the latest run.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", metavar="NAME", help="the runs of this MLflow experiment")
     which.add_argument("--study", metavar="NAME", help="the trials of this sweep study")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from . import checkpoint as ckpt
+from . import interrupts
 from .config import Config
 from .errors import INTERRUPTS
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
@@ -266,6 +267,7 @@ def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torc
         train_seconds, epoch_tokens = 0.0, 0
         tick = time.perf_counter()
         for input_batch, target_batch in train_loader:
+            interrupts.check()  # a pending Ctrl-C/SIGTERM stops here, between two whole steps
             step = state.global_step + 1
             if lr_schedule is not None:
                 lr = lr_schedule(step)
@@ -302,8 +304,10 @@ def run(
 ) -> RunResult:
     """Train `config`; emit events to `callbacks`; checkpoint into `checkpoint_dir`.
 
-    Exceptions propagate after `on_end` has told every subscriber how the run ended.
+    Exceptions propagate after `on_end` has told every subscriber how the run ended. A pending
+    Ctrl-C/SIGTERM (gptexp.interrupts) is raised before the run starts and at each step.
     """
+    interrupts.check()
     callbacks = list(callbacks)
     t = config.train
     runtime = resolve_runtime(t.device, t.precision, t.threads)
@@ -433,12 +437,17 @@ def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState,
 
 
 def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> LoopState:
-    model.load_state_dict(ckpt.load_weights(folder), strict=True)
     state = ckpt.load_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and runtime.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+    try:
+        model.load_state_dict(ckpt.load_weights(folder), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
+        raise ckpt.CheckpointError(f"checkpoint {folder} does not fit this run's model and optimizer "
+                                   f"({ckpt._first_line(exc)}): use another") from None
     return LoopState.from_dict(state)  # the loop's fields sit flat beside optimizer and rng

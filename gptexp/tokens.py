@@ -2,19 +2,34 @@
 
 The array is uint16 for GPT-2's 50,257-token vocabulary (uint32 beyond 65,536) and is
 memory-mapped when large, so a corpus never lives in the process as Python ints.
+
+A cache file is a fixed header (magic, format version, dtype, token count, the text's sha256 and
+a blake2b digest of the ids) followed by the ids, little-endian. It is verified on every read: a
+truncated, damaged, foreign or old-format (headerless) file is re-encoded and rewritten, with a
+warning, so a run never trains on part of its corpus while recording the whole corpus's sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 # Above this size the cache file is memory-mapped rather than read into memory.
 MMAP_BYTES = 64 * 2**20
+MAGIC = b"GPTEXPTK"
+VERSION = 1
+# magic, version, dtype ('<u2 ' or '<u4 '), token count, text sha256, blake2b-256 of the ids; padded to 96
+# bytes so that the ids that follow stay aligned for any dtype.
+_HEADER = struct.Struct("<8sI4sQ32s32s8x")
+HEADER_BYTES = _HEADER.size
+# The digest of a memory-mapped cache is computed in blocks of this many bytes, never all at once.
+_DIGEST_BLOCK = 16 * 2**20
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -33,31 +48,78 @@ def cache_path(cache_dir: Path, text_sha256: str, tokenizer) -> Path:
 
 
 def cached_token_ids(text: str, tokenizer, cache_dir: Path | None, text_sha256: str | None = None) -> np.ndarray:
-    """encode(text) through an on-disk cache; cache_dir None encodes in memory."""
+    """encode(text) through an on-disk cache that verifies itself; cache_dir None encodes in memory."""
     if cache_dir is None:
         return encode(text, tokenizer)
     sha = text_sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest()
     path = cache_path(cache_dir, sha, tokenizer)
-    dtype = token_dtype(tokenizer.n_vocab)
+    dtype = _disk_dtype(token_dtype(tokenizer.n_vocab))
     if path.exists():
-        return _read(path, dtype)
-    ids = encode(text, tokenizer)
+        ids, problem = _read(path, dtype, sha)
+        if ids is not None:
+            return ids
+        warnings.warn(f"token cache {path} {problem}; re-encoded the text and rewrote it")
+    ids = encode(text, tokenizer).astype(dtype, copy=False)
+    _write(path, ids, sha)
+    return ids
+
+
+def _disk_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<")
+
+
+def _digest(ids: np.ndarray) -> bytes:
+    digest = hashlib.blake2b(digest_size=32)
+    step = max(1, _DIGEST_BLOCK // ids.itemsize)
+    for start in range(0, len(ids), step):
+        digest.update(ids[start:start + step])
+    return digest.digest()
+
+
+def _header(ids: np.ndarray, text_sha256: str) -> bytes:
+    return _HEADER.pack(MAGIC, VERSION, ids.dtype.str.encode().ljust(4), len(ids), bytes.fromhex(text_sha256),
+                        _digest(ids))
+
+
+def _write(path: Path, ids: np.ndarray, text_sha256: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temp name and renamed, so a crash never leaves a truncated cache behind.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(ids.tobytes())
+            f.write(_header(ids, text_sha256))
+            f.write(np.ascontiguousarray(ids).data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return ids
 
 
-def _read(path: Path, dtype: np.dtype) -> np.ndarray:
-    if path.stat().st_size >= MMAP_BYTES:
-        return np.memmap(path, dtype=dtype, mode="r")
-    return np.fromfile(path, dtype=dtype)
+def _read(path: Path, dtype: np.dtype, text_sha256: str) -> tuple[np.ndarray | None, str]:
+    """(ids, "") when the cache at `path` verifies, else (None, what is wrong with it)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(HEADER_BYTES)
+            if len(raw) < HEADER_BYTES or not raw.startswith(MAGIC):
+                return None, "has no checksum header (an older gptexp's format, or not a token cache)"
+            magic, version, dtype_code, count, text_digest, ids_digest = _HEADER.unpack(raw)
+            if version != VERSION or dtype_code.strip() != dtype.str.encode() or text_digest.hex() != text_sha256:
+                return None, "was written for another format, dtype or text"
+            expected = HEADER_BYTES + count * dtype.itemsize
+            if size != expected:
+                state = "truncated" if size < expected else "too long"
+                return None, f"is {state} ({size:,} bytes where its header says {expected:,} for {count:,} tokens)"
+            if size >= MMAP_BYTES:
+                ids = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+            else:
+                ids = np.fromfile(f, dtype=dtype, count=count)
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    if len(ids) != count:
+        return None, f"is truncated (it holds {len(ids):,} of its {count:,} tokens)"
+    if _digest(ids) != ids_digest:
+        return None, "is damaged (its ids do not match their checksum)"
+    return ids, ""

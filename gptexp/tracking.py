@@ -3,13 +3,14 @@
 Every job is one MLflow run. The names below are the product's (dashboards depend on them):
 per-epoch `epoch_train_loss`, `epoch_val_loss`, `epoch_train_ppl`, `epoch_val_ppl`,
 `tokens_per_sec` (step = epoch, from 1); at the book's eval cadence `train_loss`, `val_loss`,
-`tokens_seen`, `lr` (step = global step, from 0); artifacts `samples/`, `checkpoints/`,
-`plots/`, `config/`, `environment/`.
+`tokens_seen`, `lr` (step = global step, from 0), and `tokens_seen` at each epoch's last step too;
+artifacts `samples/`, `checkpoints/`, `plots/`, `config/`, `environment/`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .errors import INTERRUPTS, GptexpError
+from . import interrupts
+from .errors import INTERRUPTS, GptexpError, RunFailed
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
 
@@ -35,14 +37,56 @@ def tracking_uri() -> str:
     if uri:
         return uri
     root = Path("mlruns").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GptexpError(f"cannot create the MLflow store folder {root} ({exc.strerror}): run from a writable "
+                          "folder or set MLFLOW_TRACKING_URI") from None
     return f"sqlite:///{root}/mlflow.db"
 
 
-def _sqlite_dir(uri: str) -> Path | None:
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for other stores and in-memory databases."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(unquote(uri[len("sqlite:///"):])).parent
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    path = _sqlite_path(uri)
+    return None if path is None else path.parent
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str):
+    """Holds an exclusive lock beside a SQLite store while MLflow opens it.
+
+    MLflow creates and migrates the tables of a new store when it opens it; two processes that
+    open a new store at once both do, and one fails ('table ... already exists').
+    """
+    db = _sqlite_path(uri)
+    fd = None
+    if db is not None:
+        try:
+            import fcntl  # POSIX; elsewhere the race stays possible
+        except ImportError:
+            fcntl = None
+        try:
+            fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644) if fcntl is not None else None
+        except OSError as exc:
+            if not db.is_file():
+                raise GptexpError(f"cannot create the MLflow store {db} ({exc.strerror}): create a writable "
+                                  "folder for it or point MLFLOW_TRACKING_URI elsewhere") from None
+            # An existing store in a read-only folder can still be read (report, compare).
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def get_client(uri: str | None = None):
@@ -50,10 +94,79 @@ def get_client(uri: str | None = None):
 
     uri = uri or tracking_uri()
     try:
-        return MlflowClient(tracking_uri=uri)
+        with _first_use_lock(uri):
+            return MlflowClient(tracking_uri=uri)
+    except GptexpError:
+        raise
     except Exception as exc:
         raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({_one_line(exc)}): "
                           "check MLFLOW_TRACKING_URI") from None
+
+
+def require_writable(client, artifact_uri: str | None) -> None:
+    """Refuse, before a run exists, a store or artifact folder this process cannot write.
+
+    Otherwise the first write fails mid-run with a SQL or OS traceback. A SQLite store needs its
+    file and its folder (for the journal); artifacts need their folder, created here if missing.
+    """
+    db = _sqlite_path(client.tracking_uri)
+    fix = "make it writable or point MLFLOW_TRACKING_URI at a writable store"
+    if db is not None and db.is_file():
+        try:
+            with open(db, "r+b"):
+                pass
+            _probe_folder(db.parent)
+        except OSError as exc:
+            raise GptexpError(f"cannot write the MLflow store {db} ({exc.strerror}): {fix}") from None
+    folder = _local_path(artifact_uri) if artifact_uri else None
+    if folder is not None:
+        try:
+            _probe_folder(folder)
+        except OSError as exc:
+            where = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(folder) else ""
+            raise GptexpError(f"cannot write artifacts to {folder} ({exc.strerror}{where}): {fix}") from None
+
+
+def _probe_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptexp-probe-"):
+        pass
+
+
+# The OS errors that mean "this file cannot be written here", with what the user can do about it.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "free space there or point MLFLOW_TRACKING_URI at a store on another disk",
+    errno.EDQUOT: "free space in your quota or point MLFLOW_TRACKING_URI at a store elsewhere",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or point MLFLOW_TRACKING_URI elsewhere",
+    errno.EROFS: "point MLFLOW_TRACKING_URI at a store on a writable file system",
+    errno.EACCES: "make the folder writable or point MLFLOW_TRACKING_URI at a writable store",
+    errno.EPERM: "make the folder writable or point MLFLOW_TRACKING_URI at a writable store",
+}
+# What SQLite says when it cannot write the store's database file.
+_STORE_WRITE_ERRORS = ("database or disk is full", "attempt to write a readonly database")
+
+
+@contextlib.contextmanager
+def write_failures(client):
+    """Wraps a tracked run: a file it cannot write becomes RunFailed, one line naming the file.
+
+    Put outside `tracked_run`, so the run is ended FAILED (with the error in gptexp.error) first.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        what = f"{(exc.strerror or '').lower()} writing {exc.filename or 'the run files'}"
+        raise RunFailed(f"{what}: {_WRITE_ERRORS[exc.errno]}") from None
+    except MlflowException as exc:
+        problem = next((p for p in _STORE_WRITE_ERRORS if p in str(exc)), None)
+        if problem is None:
+            raise
+        raise RunFailed(f"{problem} writing the MLflow store {redact(client.tracking_uri)} (the run may be left "
+                        "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI elsewhere") from None
 
 
 def _slug(name: str) -> str:
@@ -61,7 +174,10 @@ def _slug(name: str) -> str:
 
 
 def experiment_id(client, name: str) -> str:
-    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store."""
+    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store.
+
+    Called just before a run is created, it refuses a store or artifact folder that cannot be written.
+    """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -69,12 +185,14 @@ def experiment_id(client, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             raise GptexpError(f"experiment {name!r} is deleted in {redact(client.tracking_uri)}: "
                               "restore it in the MLflow UI or pick another --experiment")
+        require_writable(client, exp.artifact_location)
         return exp.experiment_id
     location = None
     store_dir = _sqlite_dir(client.tracking_uri)
     if store_dir is not None:
         # Otherwise MLflow puts artifacts under ./mlruns of whatever folder the job ran in.
         location = (store_dir / "artifacts" / _slug(name)).resolve().as_uri()
+    require_writable(client, location)
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:
@@ -86,7 +204,10 @@ def experiment_id(client, name: str) -> str:
 
 def local_artifact_dir(client, run_id: str) -> Path | None:
     """The run's artifact folder when it is on this file system, else None."""
-    uri = client.get_run(run_id).info.artifact_uri
+    return _local_path(client.get_run(run_id).info.artifact_uri)
+
+
+def _local_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
@@ -95,14 +216,38 @@ def local_artifact_dir(client, run_id: str) -> Path | None:
     return None
 
 
-def get_run(client, run_id: str):
+# MLflow run ids are 32 lowercase hex digits; a prefix is searched only when it is one of those.
+_RUN_ID_PREFIX = re.compile(r"[0-9a-f]{1,32}")
+# How many runs a prefix search reads at most: enough to say "ambiguous" with a count.
+_PREFIX_MATCHES = 50
+
+
+def resolve_run_id(client, text: str) -> str:
+    """The full id of the run `text` names: its whole id, or any unique prefix (gptexp prints 8 characters)."""
+    from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        raise GptexpError(f"no run {run_id!r} in the MLflow store {redact(client.tracking_uri)}: "
-                          "check the id (and MLFLOW_TRACKING_URI)") from None
+    store = redact(client.tracking_uri)
+    with contextlib.suppress(MlflowException):
+        return client.get_run(text).info.run_id
+    prefix = text.strip().lower()
+    runs = []
+    if _RUN_ID_PREFIX.fullmatch(prefix):
+        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        if experiments:
+            runs = client.search_runs(experiments, filter_string=f"attributes.run_id LIKE '{prefix}%'",
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=_PREFIX_MATCHES)
+    if not runs:
+        raise GptexpError(f"no run {text!r} in the MLflow store {store}: check the id (and MLFLOW_TRACKING_URI)")
+    if len(runs) > 1:
+        count = f"{len(runs)} or more" if len(runs) == _PREFIX_MATCHES else str(len(runs))
+        raise GptexpError(f"run id prefix {text!r} matches {count} runs in {store}: give more characters of the id")
+    return runs[0].info.run_id
+
+
+def get_run(client, run_id: str):
+    """The run `run_id` names (its id or a unique prefix); its full id is `.info.run_id`."""
+    return client.get_run(resolve_run_id(client, run_id))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -117,28 +262,38 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
 
     FINISHED when the body returns; KILLED on Ctrl-C/SIGTERM or a subscriber's StopTraining
     (its reason in gptexp.stop_reason); FAILED on any other exception (its message in gptexp.error).
+    Signals are deferred from before the run exists until it has ended (see gptexp.interrupts):
+    the body stops at its safe points, and the ending is never interrupted.
     """
+    with interrupts.deferred():
+        if resume_run_id is None:
+            interrupts.check()  # a stop asked for before the run exists: no run at all
+        run_id = _open_run(client, experiment, run_name, tags, parent_run_id, resume_run_id)
+        try:
+            interrupts.check()
+            yield run_id
+        except StopTraining as exc:
+            _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
+            raise
+        except INTERRUPTS:
+            _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
+            raise
+        except BaseException as exc:
+            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
+            raise
+        _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+
+
+def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, parent_run_id: str | None,
+              resume_run_id: str | None) -> str:
     if resume_run_id is not None:
-        run_id = resume_run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        all_tags = dict(tags or {})
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
-        run_id = run.info.run_id
-    try:
-        yield run_id
-    except StopTraining as exc:
-        _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
-        raise
-    except INTERRUPTS:
-        _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
-        raise
-    except BaseException as exc:
-        _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
-        raise
-    _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+        client.update_run(resume_run_id, status="RUNNING")
+        return resume_run_id
+    all_tags = dict(tags or {})
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+    return run.info.run_id
 
 
 def _end(client, run_id: str, status: str, tags: dict) -> None:
@@ -182,6 +337,8 @@ class MlflowLogger(Callback):
         self._evals: list[EvalEvent] = []
         self._epochs: list[EpochEvent] = []
         self._steps_per_epoch = 1
+        # (metric, step) points already in the run: a resumed run re-runs its interrupted epoch.
+        self._logged: set[tuple[str, int]] = set()
 
     def on_start(self, event: StartEvent) -> None:
         c, rid = self.client, self.run_id
@@ -212,9 +369,13 @@ class MlflowLogger(Callback):
         self._log_dataset(event)
 
     def _reload_history(self, epochs_done: int) -> None:
-        """The losses logged before the interruption, so the plot of a resumed run is whole."""
+        """The points logged before the interruption: kept for the plot, and never logged twice."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        logged = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+        self._logged = {(k, step) for k, points in logged.items() for step in points}
+
         def history(key):
-            return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+            return logged.get(key, {})
 
         train, val, seen, lr = (history(k) for k in ("train_loss", "val_loss", "tokens_seen", "lr"))
         steps = sorted(s for s in val if s in train)
@@ -224,6 +385,15 @@ class MlflowLogger(Callback):
         etrain, eval_ = history("epoch_train_loss"), history("epoch_val_loss")
         self._epochs = [EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
                         for e in sorted(eval_) if e in etrain and e <= epochs_done]
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        """Log the points not in the run yet. MLflow cannot replace a point, so a step of the
+        interrupted epoch that a resumed run computes again keeps its first value: the same bits
+        on CPU in fp32 (the resume is exact there); elsewhere, the first trajectory's value."""
+        fresh = {k: v for k, v in values.items() if (k, step) not in self._logged}
+        if fresh:
+            log_metrics(self.client, self.run_id, fresh, step=step)
+            self._logged.update((k, step) for k in fresh)
 
     def _log_dataset(self, event: StartEvent) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -244,7 +414,7 @@ class MlflowLogger(Callback):
 
     def on_eval(self, event: EvalEvent) -> None:
         self._evals.append(event)
-        log_metrics(self.client, self.run_id, {
+        self._log({
             "train_loss": event.train_loss, "val_loss": event.val_loss,
             "tokens_seen": event.tokens_seen, "lr": event.lr,
         }, step=event.global_step)
@@ -252,11 +422,14 @@ class MlflowLogger(Callback):
     def on_epoch_end(self, event: EpochEvent) -> None:
         c, rid = self.client, self.run_id
         self._epochs.append(event)
-        log_metrics(c, rid, {
+        self._log({
             "epoch_train_loss": event.train_loss, "epoch_val_loss": event.val_loss,
             "epoch_train_ppl": event.train_ppl, "epoch_val_ppl": event.val_ppl,
             "tokens_per_sec": event.tokens_per_sec,
         }, step=event.epoch)
+        # Also at the epoch's last step, so a run ending between eval points still records all it
+        # trained on; when that step was an eval step the point is already there (same value).
+        self._log({"tokens_seen": event.tokens_seen}, step=event.global_step)
         c.log_table(rid, {"epoch": [event.epoch], "global_step": [event.global_step],
                           "prompt": [event.prompt], "completion": [event.completion]},
                     "samples/samples.json")

@@ -33,6 +33,28 @@ CASES = {
     "unknown precision": (["--set", "train.precision=fp8"], "train.precision must be one of"),
     "missing corpus": (["--set", "data.source=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     "bad --set": (["--set", "train.lr"], "is not KEY=VALUE"),
+    # Each of these used to be found only after the MLflow run existed (a traceback mid-run or a crash).
+    "empty start_context": (["--set", "sample.start_context="], "sample.start_context is empty or blank"),
+    "blank start_context": (["--set", "sample.start_context='   '"], "sample.start_context is empty or blank"),
+    "seed beyond torch's range": (["--set", f"train.seed={2**64}"], "train.seed must be from 0 to 2**64-1"),
+    "seed as a float too large to be exact": (["--set", "train.seed=1.0e+23"],
+                                              "train.seed must be an integer written in digits"),
+    "infinite grad_clip": (["--set", "train.grad_clip=.inf"], "train.grad_clip must be a finite number"),
+    "infinite weight_decay": (["--set", "train.weight_decay=.inf"], "train.weight_decay must be a finite number"),
+    "nan drop_rate": (["--set", "model.drop_rate=.nan"], "model.drop_rate must be a finite number"),
+    "nan train_ratio": (["--set", "data.train_ratio=.nan"], "data.train_ratio must be a finite number"),
+    "lr that overflows to inf": (["--set", "train.lr=1e999"], "train.lr must be a finite number"),
+    "huge max_new_tokens": (["--set", "sample.max_new_tokens=1000000000"],
+                            "sample.max_new_tokens must be from 0 to 10000"),
+    "huge thread count": (["--set", "train.threads=1000000000"], "train.threads must be from 0 (one per core) to 1024"),
+    "model larger than memory": (["--set", "model.emb_dim=1000000"], "GiB of memory: lower model.emb_dim"),
+    "blank --experiment": (["--experiment", "   "], "experiment name is blank"),
+    "500-character --experiment": (["--experiment", "x" * 500],
+                                   "experiment name is 500 characters long; the limit is 200"),
+    "blank --run-name": (["--run-name", " "], "run name is blank"),
+    "300-character --run-name": (["--run-name", "r" * 300], "run name is 300 characters long; the limit is 250"),
+    "blank experiment in the config": (["--set", "experiment='  '"], "experiment is blank"),
+    "experiment with a newline": (["--set", 'experiment="a\\nb"'], "holds control characters"),
 }
 
 
@@ -111,3 +133,91 @@ def test_a_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(folder), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_start_context_outside_the_model_vocabulary_is_refused_before_any_run(tmp_path, mlflow_store, capsys):
+    # Words whose GPT-2 ids are all below 1000, so the corpus fits a 1000-token vocabulary but the
+    # default prompt ('Every' is id 6109) does not: it used to fail at the first epoch's sample.
+    corpus = tmp_path / "small-ids.txt"
+    corpus.write_text("a b c d " * 400)
+    capsys.readouterr()
+    code = main(["train", "--config", str(TINY), "--experiment", "bad-input", "--set", f"data.source={corpus}",
+                 "--set", "model.vocab_size=1000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sample.start_context has token id 6109 but model.vocab_size is 1000" in err
+    assert len(err.strip().splitlines()) == 1
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("bad-input")
+    assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("train:\n  batch_size: 8\n  lr: 2.0e-3\nmodel:\n  n_layers: 2\ntrain:\n  batch_size: 2\n", "train", (1, 6)),
+    ("train:\n  lr: 2.0e-3\n  batch_size: 8\n  lr: 4.0e-4\n", "lr", (2, 4)),
+    ("experiment: a\nexperiment: b\n", "experiment", (1, 2)),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_both_lines(tmp_path, text, key, lines, capsys):
+    capsys.readouterr()
+    assert main(["train", "--config", bad_config(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert f"has the key {key!r} twice (lines {lines[0]} and {lines[1]})" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_yaml_merge_keys_may_still_be_overridden_and_tags_are_still_refused(tmp_path):
+    from gptexp.config import ConfigError, read_yaml
+
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("model: &m {n_layers: 2, emb_dim: 32}\nsample:\n  start_context: x\n"
+                      "anchors:\n  <<: *m\n  n_layers: 4\n")
+    assert read_yaml(merged)["anchors"] == {"n_layers": 4, "emb_dim": 32}
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("train: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tagged)
+
+
+@pytest.mark.parametrize("duplicate,key", [
+    ("sampler:\n  name: random\n", "sampler"),
+    ("  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, type: int}\n", "type"),  # inside space
+])
+def test_a_sweep_spec_with_a_key_given_twice_is_refused(tmp_path, duplicate, key):
+    from gptexp.sweep import SweepError, load_spec
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"study: s\nbase:\n  config: {TINY}\nsampler:\n  name: tpe\nn_trials: 2\n"
+                    f"space:\n  train.batch_size: {{type: categorical, choices: [4, 8]}}\n{duplicate}")
+    with pytest.raises(SweepError, match=f"sweep spec {spec} has the key '{key}' twice"):
+        load_spec(spec)
+
+
+def test_an_experiment_spec_with_a_key_given_twice_is_refused(tmp_path):
+    from conftest import REPO
+    from gptexp.errors import GptexpError
+    from gptexp.experiments import load_spec
+
+    spec = tmp_path / "twice.yaml"
+    spec.write_text((REPO / "experiments" / "ch05-verdict.yaml").read_text() + "\nseed: 124\n")
+    with pytest.raises(GptexpError, match="has the key 'seed' twice"):
+        load_spec(spec)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--temperature", "inf"], "argument --temperature: must be 0 (greedy) or from 0.01 to 100 (got 'inf')"),
+    (["--temperature", "nan"], "argument --temperature: must be 0 (greedy) or from 0.01 to 100 (got 'nan')"),
+    (["--temperature", "1e-45"], "argument --temperature: must be 0 (greedy) or from 0.01 to 100"),
+    (["--temperature", "-1"], "argument --temperature: must be 0 (greedy)"),
+    (["--prompt", ""], "argument --prompt: is empty or blank"),
+    (["--seed", "1e23"], "argument --seed: must be an integer from 0 to 18446744073709551615 (got '1e23')"),
+    (["--seed", str(2**64)], "argument --seed: must be an integer from 0 to 18446744073709551615"),
+    (["--top-k", "0"], "argument --top-k: must be an integer from 1"),
+    (["--max-new-tokens", "1000000000"], "argument --max-new-tokens: must be an integer from 0 to 10000"),
+])
+def test_bad_generate_arguments_are_one_line_exit_2_before_any_model_loads(args, expected, capsys):
+    capsys.readouterr()
+    # The checkpoint does not exist: the argument must be refused first, whatever else is wrong.
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--checkpoint", "/no/such/ckpt", "--prompt", "x", *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert expected in err and len(err.strip().splitlines()) == 1, err

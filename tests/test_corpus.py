@@ -8,6 +8,8 @@ import http.server
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY, cli_env
 from gptexp.corpus import (
     DOC_SEPARATOR,
     Corpus,
@@ -249,7 +252,9 @@ def test_a_download_with_the_wrong_checksum_is_refused_and_leaves_nothing(
     write_registry(data_dir, f"{base}/doc.txt", sha256_text("the real thing"))
     with pytest.raises(CorpusError) as error:
         load_corpus("doc", data_dir)
-    assert sha256_text("tampered") in assert_one_line(error)
+    message = assert_one_line(error)
+    assert sha256_text("tampered") in message
+    assert "not available offline" not in message  # CorpusError is a ValueError: not re-wrapped as a failed download
     assert raw_contents(data_dir) == []
 
 
@@ -327,3 +332,105 @@ def test_a_directory_without_txt_files_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CorpusError) as error:
         load_corpus(tmp_path)
     assert str(tmp_path) in assert_one_line(error)
+
+
+# --- unbounded and blocking inputs ----------------------------------------------------------------
+
+
+def load_with_hang_guard(path: Path) -> Corpus | CorpusError:
+    """load_corpus(path), but a reader stuck opening a FIFO is released (and reported) instead of hanging."""
+    outcome: list[Corpus | CorpusError] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_corpus(path))
+        except CorpusError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        # It is blocked in open(): a writer that comes and goes lets it see end of file.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail(f"load_corpus opened the FIFO {path} and blocked")
+    return outcome[0]
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    outcome = load_with_hang_guard(fifo)
+    assert isinstance(outcome, CorpusError)
+    message = " ".join(outcome.args)
+    assert "\n" not in message and f"corpus file {fifo} is a FIFO" in message and "regular files" in message
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["device", "symlink-to-device"])
+def test_dev_zero_is_refused_before_any_byte_is_read(tmp_path: Path, link: bool) -> None:
+    path = Path("/dev/zero")
+    if link:
+        path = tmp_path / "zeros.txt"
+        path.symlink_to("/dev/zero")
+    with pytest.raises(CorpusError) as error:
+        load_corpus(path)
+    assert f"corpus file {path} is a character device" in assert_one_line(error)
+
+
+def test_a_fifo_in_a_corpus_folder_is_refused_not_skipped(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    os.mkfifo(tmp_path / "b.txt")
+    outcome = load_with_hang_guard(tmp_path)
+    assert isinstance(outcome, CorpusError) and "b.txt" in str(outcome) and "a FIFO" in str(outcome)
+
+
+def test_a_file_over_the_size_limit_is_refused_with_the_limit_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPTEXP_MAX_CORPUS_BYTES", "1000")
+    path = tmp_path / "big.txt"
+    path.write_text("x" * 1001, encoding="utf-8")
+    with pytest.raises(CorpusError) as error:
+        load_corpus(path)
+    message = assert_one_line(error)
+    assert str(path) in message and "1,000 bytes limit" in message and "GPTEXP_MAX_CORPUS_BYTES" in message
+    path.write_text("x" * 1000, encoding="utf-8")
+    assert len(load_corpus(path).text) == 1000  # the limit itself is allowed
+
+
+def test_the_size_limit_applies_to_a_folders_files_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTEXP_MAX_CORPUS_BYTES", "1000")
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x" * 600, encoding="utf-8")
+    with pytest.raises(CorpusError) as error:
+        load_corpus(tmp_path)
+    message = assert_one_line(error)
+    assert f"the .txt files of corpus folder {tmp_path}" in message and "1,000 bytes limit" in message
+
+
+def test_a_folder_where_the_registry_file_belongs_is_refused(
+    data_dir: Path, verdict_mirror: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (data_dir / "raw" / "the-verdict.txt").mkdir(parents=True)
+    monkeypatch.setenv("GPTEXP_DATA_MIRROR", str(verdict_mirror))
+    with pytest.raises(CorpusError) as error:
+        load_corpus("the-verdict", data_dir)
+    assert "the-verdict.txt is a directory" in assert_one_line(error)
+
+
+def test_a_fifo_as_data_source_is_one_line_exit_2_from_the_cli(tmp_path: Path) -> None:
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gptexp.cli", "train", "--config", str(TINY), "--set", f"data.source={fifo}"],
+            capture_output=True, text=True, timeout=300, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("gptexp train blocked on the FIFO")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gptexp: error: corpus file {fifo} is a FIFO: only regular files (and folders of .txt files) are corpora; "
+        "give a text file"
+    ]

@@ -158,6 +158,23 @@ def test_without_sweeps_the_report_shows_the_gptexp_experiment(tmp_path, monkeyp
     assert out.splitlines()[0] == "experiment gptexp: 1 runs, by epoch_val_loss"
 
 
+def test_without_sweeps_the_report_shows_the_experiment_of_the_latest_run(tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    make_run(client, "older", "old", BASE, [7.0], start=T0)
+    make_run(client, "my-runs", "train-only", BASE, [6.0], start=T0 + 1000, tags={"gptexp.job": "train"})
+    out = report(capsys)
+    assert out.splitlines()[0] == "experiment my-runs: 1 runs, by epoch_val_loss"
+    assert "train-only" in out
+
+
+def test_on_an_empty_store_the_report_says_there_is_nothing_yet_and_how_to_make_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    err = one_line_error(capsys, ["report"])
+    assert "nothing to report yet" in err and "gptexp train --config" in err and str(tmp_path) in err
+
+
 def test_report_sorted_by_another_metric_and_written_to_a_file(store, capsys, tmp_path):
     path = tmp_path / "reports" / "runs.csv"
     out = report(capsys, "--experiment", "report-tests", "--metric", "epoch_train_loss", "--out", str(path))

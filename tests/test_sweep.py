@@ -6,6 +6,7 @@ the-verdict so that a trial takes a couple of seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,14 @@ def corpus(tmp_path_factory, verdict_text):
     return path
 
 
+SPACE = {
+    "model.context_length": {"type": "categorical", "choices": [16, 32]},
+    "data.stride_fraction": {"type": "categorical", "choices": [0.5, 1.0]},
+    "train.batch_size": {"type": "categorical", "choices": [4, 8]},
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+}
+
+
 def write_spec(tmp_path, corpus, name="spec.yaml", **changes):
     spec = {
         "study": "s",
@@ -43,12 +52,7 @@ def write_spec(tmp_path, corpus, name="spec.yaml", **changes):
         "sampler": {"name": "tpe", "seed": 7},
         "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
         "n_trials": 6,
-        "space": {
-            "model.context_length": {"type": "categorical", "choices": [16, 32]},
-            "data.stride_fraction": {"type": "categorical", "choices": [0.5, 1.0]},
-            "train.batch_size": {"type": "categorical", "choices": [4, 8]},
-            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        },
+        "space": SPACE,
         "heartbeat": {"interval": 1, "grace": 4},
     }
     spec.update(changes)
@@ -138,6 +142,54 @@ def test_the_same_command_with_more_trials_resumes_the_study_under_the_same_pare
     parents, children = mlflow_runs(MlflowClient(mlflow_store), "six")
     assert len(parents) == 1 and len(children) == 8
     assert_children_tell_the_truth(study, children)
+
+
+@pytest.mark.parametrize("change,extra", [
+    ({"space": {**SPACE, "train.lr": {"type": "float", "low": 1e-4, "high": 2e-2, "log": True}}}, ()),
+    ({"objective": {"metric": "epoch_train_loss"}}, ()),
+    ({}, ("--set", "train.weight_decay=0.2")),  # the base config the trials start from
+])
+def test_resuming_a_study_with_another_search_is_refused_and_adds_nothing(six, mlflow_store, tmp_path, corpus,
+                                                                         capsys, change, extra):
+    _, storage = six
+    client = MlflowClient(mlflow_store)
+    before = optuna.load_study(study_name="six", storage=storage)
+    (parent,), children = mlflow_runs(client, "six")
+    changed = write_spec(tmp_path, corpus, study="six", n_trials=len(before.trials) + 2, **change)
+    capsys.readouterr()
+    assert sweep(changed, storage, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "study six holds another search" in err and "--study NAME" in err
+    after = optuna.load_study(study_name="six", storage=storage)
+    assert len(after.trials) == len(before.trials) and after.user_attrs == before.user_attrs
+    (parent_after,), children_after = mlflow_runs(client, "six")
+    assert len(children_after) == len(children)
+    assert parent_after.info.status == parent.info.status and parent_after.data.params == parent.data.params
+
+
+def test_a_resumed_sweep_never_proposes_an_earlier_point_and_a_rerun_from_scratch_proposes_the_same(
+        tmp_path, corpus, mlflow_store):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    base = {"config": str(TINY), "overrides": {"train.num_epochs": 1, "data.source": str(corpus),
+                                               "sample.max_new_tokens": 0, "checkpoint.keep": "none"}}
+
+    def one_trial_then_two_more(study_name: str):
+        spec = write_spec(tmp_path, corpus, name=f"{study_name}.yaml", study=study_name, space=space, base=base,
+                          n_trials=1, pruner={"name": "none"})  # TPE, seeded: its first 10 trials are random draws
+        assert sweep(spec, storage) == 0
+        assert sweep(spec, storage, "--n-trials", "3") == 0
+        trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        _, children = mlflow_runs(MlflowClient(mlflow_store), study_name)
+        tags = {int(c.data.tags["gptexp.trial"]): c.data.tags.get("gptexp.sampler_seed") for c in children}
+        seeds = [(tags[t.number], t.user_attrs.get("sampler_seed")) for t in trials]
+        return [t.params["train.lr"] for t in trials], seeds
+
+    lrs, seeds = one_trial_then_two_more("resumed")
+    assert len(set(lrs)) == 3  # the resumed session proposed no point of the first one again
+    assert all(tag == str(attr) and attr is not None for tag, attr in seeds)  # recorded on the run and the trial
+    assert seeds[1] == seeds[2] != seeds[0]  # one seed per session
+    assert one_trial_then_two_more("resumed-again") == (lrs, seeds)  # the same steps give the same points
 
 
 def test_two_workers_run_every_trial_exactly_once(tmp_path, corpus, mlflow_store):
@@ -231,8 +283,27 @@ def test_a_postgresql_storage_works_and_its_password_is_never_logged(tmp_path, c
     ({"pruner": {"name": "patient"}}, "pruner 'patient' is unknown"),
     ({"bogus": 1}, "unknown key(s) bogus"),
     ({"enqueue": [{"train.weight_decay": 0.0}]}, "enqueue point names train.weight_decay"),
+    # values that used to pass the spec and fail later, some with a trial left RUNNING
+    ({"space": {"train.batch_size": {"type": "int", "low": 2, "high": 8, "step": 0.5}}},
+     "space.train.batch_size: an int range needs an integer step (got 0.5)"),
+    ({"heartbeat": {"interval": "x", "grace": 4}}, "heartbeat.interval (seconds) must be a positive integer (got 'x')"),
+    ({"heartbeat": {"interval": 5, "grace": "soon"}}, "heartbeat.grace (seconds) must be a positive integer"),
+    ({"max_failures": "x"}, "max_failures must be a positive integer (got 'x')"),
+    ({"n_trials": True}, "n_trials must be a positive integer (got True)"),
+    ({"space": {"train.lr": {"type": "float", "low": True, "high": 1e-2}}}, "space.train.lr.low must be a finite number"),
+    ({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": float("nan")}}}, "space.train.lr.high must be a finite number"),
+    ({"space": {"train.batch_size": {"type": "categorical", "choices": [[4], 8]}}},
+     "space.train.batch_size.choices must be numbers, strings, booleans or null (got [4])"),
+    ({"space": {"train.batch_size": {"type": "int", "low": 0, "high": 8}}},
+     "space.train.batch_size reaches 0, which the config refuses: train.batch_size must be at least 1"),
+    ({"base": {"config": str(TINY), "overrides": {"data.stride": 8}}},
+     "space.data.stride_fraction reaches 0.5, which the config refuses: data.stride and data.stride_fraction are both set"),
+    ({"enqueue": [{"train.batch_size": 5}]}, "enqueue point train.batch_size=5 is not one of space.train.batch_size.choices"),
+    ({"sampler": {"name": "tpe", "n_startup_trials": "ten"}}, "sampler tpe fails on this space"),
+    ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: "),
+    ({"objective": ["epoch_val_loss"]}, "objective must be a metric name or a mapping"),
 ])
-def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, change, expected, capsys):
+def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, mlflow_store, change, expected, capsys):
     spec = write_spec(tmp_path, corpus, study="bad", **change)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     capsys.readouterr()
@@ -240,6 +311,20 @@ def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, change
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(storage)
+    assert mlflow_runs(MlflowClient(mlflow_store), "bad") == ([], [])
+
+
+def test_a_trial_whose_parameters_cannot_be_suggested_is_failed_not_left_running(tmp_path, corpus, mlflow_store):
+    from gptexp.sweep import load_spec, run_sweep
+
+    spec = load_spec(write_spec(tmp_path, corpus, study="unsuggestable", n_trials=1,
+                                space={"train.batch_size": {"type": "int", "low": 2, "high": 8}}))
+    spec.space[0].step = 0.5  # load_spec refuses this; a spec built in code can still hold it
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    with pytest.raises(ValueError):
+        run_sweep(spec, storage_url=storage)
+    study = optuna.load_study(study_name="unsuggestable", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
 
 
 @pytest.mark.parametrize("kind", ["journal", "redis"])
@@ -276,3 +361,68 @@ def test_a_grid_sweep_stops_once_every_grid_point_is_tried(tmp_path, corpus, mlf
     assert sweep(spec, storage) == 0
     study = optuna.load_study(study_name="grid", storage=storage)
     assert sorted(t.params["train.lr"] for t in study.trials) == [1e-3, 2e-3]
+
+
+def wait_for(predicate, timeout, proc):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The sweep's worker processes: the children of `pid` started by multiprocessing's spawn."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    pids = []
+    for child in children:
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                pids.append(child)
+    return pids
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the parent", "Ctrl-C to the process group",
+                                  "SIGKILL to a worker, then SIGTERM to the parent"])
+def test_a_stopped_two_worker_sweep_leaves_no_run_and_no_trial_running(tmp_path, corpus, mlflow_store, stop):
+    study_name = "stopped-" + "-".join(stop.split()[:2]).lower()
+    spec = write_spec(tmp_path, corpus, study=study_name, n_trials=6)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    # Long trials: both workers are mid-trial when the signal comes.
+    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage,
+                             "--workers", "2", "--set", "train.num_epochs=50"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    client = MlflowClient(mlflow_store)
+
+    def both_workers_training():
+        _, children = mlflow_runs(client, study_name)
+        return sum(c.info.status == "RUNNING" and "train_loss" in c.data.metrics for c in children) == 2
+
+    try:
+        assert wait_for(both_workers_training, 300, proc), \
+            f"the two workers did not both start a trial: {proc.stdout.read() if proc.poll() is not None else ''}"
+        if stop.startswith("Ctrl-C"):
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals every process of the group
+        else:
+            if stop.startswith("SIGKILL"):  # e.g. out of memory: the parent must end that worker's trial
+                os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)  # a scheduler stops the parent
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "gptexp: interrupted" in out
+    parents, children = mlflow_runs(client, study_name)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(children) >= 2 and not [c for c in children if c.info.status == "RUNNING"]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert len(study.trials) >= 2 and TrialState.RUNNING not in [t.state for t in study.trials]
+    for child in children:  # the interrupted trials: failed in Optuna, their runs ended KILLED
+        trial = study.trials[int(child.data.tags["gptexp.trial"])]
+        assert trial.state == TrialState.FAIL and child.data.tags["optuna.state"] == "FAIL"
+        assert child.info.status == "KILLED" and child.data.tags["gptexp.status"] == "interrupted"
