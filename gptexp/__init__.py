@@ -4,6 +4,7 @@ The top level keeps the book's names and semantics, so `from gptexp import ...` 
 book's imports and give the same numbers.
 """
 
+from .book import evaluate_model, generate_and_print_sample, plot_losses, train_model, train_model_simple
 from .datasets import GPTDatasetV1, create_dataloader_v1, split_text
 from .evaluation import SplitLoss, calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, generate_text_simple, text_to_token_ids, token_ids_to_text
@@ -30,4 +31,9 @@ __all__ = [
     "SplitLoss",
     "perplexity",
     "get_tokenizer",
+    "train_model_simple",
+    "evaluate_model",
+    "generate_and_print_sample",
+    "plot_losses",
+    "train_model",
 ]

@@ -32,19 +32,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runner
+from .config import Config, TrainConfig
 from .model import GPT_CONFIG_124M, GPTModel, compile_blocks
 from .provenance import cpu_model
-from .runtime import physical_cores
+from .runtime import Runtime, physical_cores
 
 EXPERIMENT = "bench"
 DEFAULT_OUT_DIR = Path("bench-results")
 PROMPT_IDS = [6109, 3626, 6100, 345]  # "Every effort moves you" in GPT-2's BPE
 BOOK_LR, BOOK_WEIGHT_DECAY = 4e-4, 0.1
+# The training figures time what `gptexp train` runs with its defaults (fused AdamW), at the book's lr.
+_TRAIN_CONFIG = Config(train=TrainConfig(lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY))
 RATIO_KEYS = ("train_fp32", "train_bf16", "generate_kv", "data_build_time", "data_peak_memory")
 OPTIMIZERS = {  # AdamW implementations; the book's default on CPU tensors is the for-loop one
     "for_loop": {"foreach": False},
@@ -205,11 +210,6 @@ def _optimizer_compare(sizes: Sizes) -> dict:
     return out
 
 
-def make_optimizer(params, name: str = "fused"):
-    """AdamW with the book's hyperparameters and the implementation `name` (see OPTIMIZERS)."""
-    return torch.optim.AdamW(params, lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY, **OPTIMIZERS[name])
-
-
 # --------------------------------------------------------------------------------------- training
 
 def _book():
@@ -221,27 +221,43 @@ def _book():
 
 
 class _Trainer:
-    """One training variant: a model, its optimizer, and a step = zero_grad + fwd + CE + bwd + step."""
+    """One training variant: a model, its optimizer and its step, which returns the loss."""
 
-    def __init__(self, model, optimizer, autocast: bool = False, compiled: bool = False):
+    def __init__(self, model, optimizer, step: Callable[[torch.Tensor, torch.Tensor], float], optimizer_name: str):
         self.model = model.train()
         self.optimizer = optimizer
-        self.autocast = autocast
-        self.fn = compile_blocks(model, dynamic=False) if compiled else model
-
-    def step(self, x, y) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with ctx:
-            logits = self.fn(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        self.step = step
+        self.optimizer_name = optimizer_name
 
     def release(self) -> None:
         """Drop the gradients between timed steps (not timed), so idle variants hold less memory."""
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _book_trainer(ch04, ch05, cfg: dict) -> _Trainer:
+    """The book package's model, torch's default AdamW and the book's loop body."""
+    model = ch04.GPTModel(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY)
+
+    def step(x, y) -> float:
+        optimizer.zero_grad()
+        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return _Trainer(model, optimizer, step, "book default (for-loop AdamW)")
+
+
+def _gptexp_trainer(cfg: dict, impl: str, precision: str, compiled: bool, threads: int) -> _Trainer:
+    """What `gptexp train` runs: the runner's optimizer and training step (`runner.train_step`)."""
+    model = GPTModel(dict(cfg, impl=impl))
+    runtime = Runtime(torch.device("cpu"), precision, threads)
+    optimizer = runner.make_optimizer(model, _TRAIN_CONFIG, runtime)
+    forward = compile_blocks(model, dynamic=False) if compiled else model
+    name = "fused" if optimizer.defaults.get("fused") else "for_loop"
+    return _Trainer(model, optimizer, lambda x, y: runner.train_step(model, optimizer, x, y, runtime, forward=forward),
+                    name)
 
 
 def _batch(cfg: dict, batch: int, seq: int, seed: int):
@@ -255,8 +271,8 @@ def _seeded(make):
     return make()
 
 
-def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, notes: list) -> dict:
-    _, ch04, _ = _book()
+def _train_figures(sizes: Sizes, bf16_native: bool, peaks: dict, notes: list) -> dict:
+    _, ch04, ch05 = _book()
     cfg = dict(sizes.model)
     seq = cfg["context_length"]
     x, y = _batch(cfg, sizes.batch, seq, 1)
@@ -265,13 +281,13 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
     wx, wy = _batch(cfg, sizes.batch, seq, 2)
     compile_prec = "bf16" if bf16_native else "fp32"
 
+    threads = torch.get_num_threads()
+
     def book_pkg():
-        model = ch04.GPTModel(cfg)
-        return _Trainer(model, torch.optim.AdamW(model.parameters(), lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY))
+        return _book_trainer(ch04, ch05, cfg)
 
     def ours(impl, autocast=False, compiled=False):
-        model = GPTModel(dict(cfg, impl=impl))
-        return _Trainer(model, make_optimizer(model.parameters(), opt_name), autocast=autocast, compiled=compiled)
+        return _gptexp_trainer(cfg, impl, "bf16" if autocast else "fp32", compiled, threads)
 
     variants = {
         "book_pkg_fp32": book_pkg,
@@ -283,7 +299,7 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
     if sizes.compile:
         variants[f"fast_compile_{compile_prec}"] = lambda: ours("fast", autocast=bf16_native, compiled=True)
 
-    trainers, losses, warmup_s = {}, {}, {}
+    trainers, losses, warmup_s, optimizer_names = {}, {}, {}, {}
     for name, factory in variants.items():
         trainer = _seeded(factory)
         t0 = time.perf_counter()
@@ -291,6 +307,7 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
         warmup_s[name] = time.perf_counter() - t0
         trainer.release()
         trainers[name] = trainer
+        optimizer_names[name] = trainer.optimizer_name
 
     # Round 1 times every variant; later rounds every variant while the budget allows, else only
     # those behind the headline ratios (train_fp32, train_bf16), else stop.
@@ -324,7 +341,7 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
     for name, ts in times.items():
         fig = _figure(ts, tokens, "tokens_per_s")
         fig.update(batch=sizes.batch, seq=seq, warmup_s=warmup_s[name], loss=losses[name],
-                   optimizer="book default (for-loop AdamW)" if name.startswith("book_pkg") else opt_name)
+                   optimizer=optimizer_names[name])
         out[name] = fig
 
     if not bf16_native:
@@ -336,7 +353,7 @@ def _train_figures(sizes: Sizes, opt_name: str, bf16_native: bool, peaks: dict, 
         loss = []
         ts = _repeat(lambda: loss.append(trainer.step(bx, by)), 2, 2.5 * warm)
         fig = _figure(ts, b * s, "tokens_per_s")
-        fig.update(batch=b, seq=s, warmup_s=warm, loss=loss[-1], optimizer=opt_name, reduced_shape=True)
+        fig.update(batch=b, seq=s, warmup_s=warm, loss=loss[-1], optimizer=trainer.optimizer_name, reduced_shape=True)
         out["fast_bf16"] = fig
         notes.append(f"bf16 has no hardware support on this CPU (bf16 matmul peak {peaks['bf16']['gflops']:.1f} vs "
                      f"fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s): the bf16 training step is measured on {b}x{s} "
@@ -866,8 +883,8 @@ def run_bench(quick: bool = False, out: Path | None = None, log_mlflow: bool = T
             say("AdamW implementations")
             result["optimizer"] = _optimizer_compare(sizes)
             opt_name = result["optimizer"]["best"]
-        say(f"training steps ({sizes.batch}x{sizes.model['context_length']}, AdamW {opt_name})")
-        result["train"] = _train_figures(sizes, opt_name, bf16_native, peaks, notes)
+        say(f"training steps ({sizes.batch}x{sizes.model['context_length']}, runner.train_step)")
+        result["train"] = _train_figures(sizes, bf16_native, peaks, notes)
         say("evaluation")
         result["eval"] = _eval_figures(sizes, bf16_native, notes)
         say(f"generation ({sizes.gen_new} new tokens)")

@@ -1,9 +1,13 @@
-"""The one training runner behind `train`, every sweep trial and `reproduce`.
+"""The one training runner behind `train`, every sweep trial, `reproduce` and the book's training functions.
 
-It follows the book's `train_model_simple` (and appendix D's schedule when configured): the
-same seeding, loaders, step order, `eval_freq`/`eval_iter` cadence and global-step numbering,
-so `impl: book` in fp32 reproduces the book's numbers. At each epoch end it adds a full
-token-weighted evaluation of both splits and a sample, then checkpoints.
+Its core, `train_loop`, is the book's `train_model_simple` (appendix D's `train_model` when given a
+schedule and clipping): it takes a model, loaders and an optimizer and keeps the book's seeding,
+step order, `eval_freq`/`eval_iter` cadence and global-step numbering, so `impl: book` in fp32
+reproduces the book's numbers. `train_step` is its one training step (the bench times it) and
+`make_optimizer` the optimizer `gptexp train` builds. The book-named functions (gptexp/book.py)
+call the core with a printing subscriber; the config-driven `run` builds the model, loaders and
+optimizer from a Config and plugs its epoch end into the core: a full token-weighted evaluation of
+both splits, a sample, the best epoch so far, then a checkpoint.
 
 The loop knows nothing of MLflow, Optuna or the console: it emits events to subscribers
 (`Callback`). A subscriber stops a run early by raising `StopTraining` (pruning does).
@@ -11,11 +15,12 @@ The loop knows nothing of MLflow, Optuna or the console: it emits events to subs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -26,7 +31,7 @@ from .errors import INTERRUPTS
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
-from .runtime import Runtime, resolve_runtime
+from .runtime import Runtime, autocast, resolve_runtime
 from .splits import Splits, prepare_data
 
 
@@ -132,9 +137,13 @@ class RunResult:
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
-    """The learning rate of global step `step`: appendix D's warmup and cosine, or constant."""
+    """The learning rate of global step `step`: appendix D's warmup and cosine, or constant.
+
+    `cfg` holds lr (the peak), warmup_steps, initial_lr, min_lr and lr_schedule (a TrainConfig).
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.initial_lr + step * (cfg.lr - cfg.initial_lr) / cfg.warmup_steps
+        # The book's order of operations (the increment first), so the rates are bit-identical.
+        return cfg.initial_lr + step * ((cfg.lr - cfg.initial_lr) / cfg.warmup_steps)
     if cfg.lr_schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -149,9 +158,140 @@ def make_optimizer(model: torch.nn.Module, config: Config, runtime: Runtime) -> 
     return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, **kwargs)
 
 
+@dataclass
+class LoopState:
+    """Where a run stands after its last step; a checkpoint's state.pt holds these fields flat."""
+
+    epoch: int = 0  # epochs done
+    global_step: int = -1  # the last step done, the book's numbering (-1: none yet)
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf  # over the epochs' full validation losses (run's epoch end)
+    best_epoch: int = 0
+
+    def to_dict(self) -> dict[str, int | float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LoopState:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class GradClip:
+    """Appendix D's clipping: gradients' global norm to `max_norm` from global step `start` on."""
+
+    max_norm: float = 1.0
+    start: int = 0  # the book: warmup_steps (its first printing: warmup_steps + 1)
+
+
+@dataclass(frozen=True)
+class TrainedEpoch:
+    """The core loop's epoch end: the epoch's steps are done, nothing is evaluated yet."""
+
+    epoch: int
+    global_step: int
+    tokens_seen: int
+    tokens_per_sec: float  # training steps only, evaluation excluded
+    seconds: float
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
+               target_batch: torch.Tensor, runtime: Runtime, *, step: int = 0,
+               forward: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None,
+               clip: GradClip | None = None, epoch: int | None = None) -> float:
+    """One training step on one batch (global step `step`); returns its loss.
+
+    `forward` runs the forward pass (a compiled view of `model`; `model` when None); clipping and
+    the optimizer act on `model`'s parameters, which the view shares. Raises NonFiniteLoss when
+    the loss is NaN or infinite.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with runtime.autocast():
+        loss = calc_loss_batch(input_batch, target_batch, model if forward is None else forward, runtime.device)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # so that clipping sees the true gradients
+    else:
+        loss.backward()
+    if clip is not None and step >= clip.start:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip.max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    value = loss.item()
+    if not math.isfinite(value):
+        where = f"step {step}" if epoch is None else f"step {step} (epoch {epoch})"
+        raise NonFiniteLoss(f"training loss is {value} at {where}: lower train.lr or enable train.grad_clip")
+    return value
+
+
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, *, precision: str = "fp32",
+                   forward: torch.nn.Module | None = None) -> tuple[float, float]:
+    """The book's evaluate_model: in eval mode, the mean loss of the first eval_iter batches of each loader.
+
+    `precision` picks the autocast; `forward` runs the batches (a compiled view of `model`).
+    """
+    forward = model if forward is None else forward
+    model.eval()
+    with torch.inference_mode(), autocast(torch.device(device), precision):
+        train_loss = calc_loss_loader(train_loader, forward, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, forward, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
 def _emit(callbacks: Iterable[Callback], name: str, event) -> None:
     for cb in callbacks:
         getattr(cb, name)(event)
+
+
+def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
+               runtime: Runtime, num_epochs: int, eval_freq: int, eval_iter: int, *,
+               lr_schedule: Callable[[int], float] | None = None, clip: GradClip | None = None,
+               callbacks: Iterable[Callback] = (), epoch_end: Callable[[TrainedEpoch], None] | None = None,
+               state: LoopState | None = None, forward: torch.nn.Module | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> LoopState:
+    """The core: the book's train_model_simple, or appendix D's train_model with a schedule and clipping.
+
+    Each step emits a StepEvent, every eval_freq-th global step the book's evaluate_model an
+    EvalEvent (to `callbacks`), and each epoch's end calls `epoch_end`. `lr_schedule(step)` sets
+    every group's lr before the step (None: the optimizer's lr stays). Continues from `state`
+    (epochs done, last step: a resumed run), updates it in place and returns it.
+    """
+    callbacks = list(callbacks)
+    state = LoopState() if state is None else state
+    for epoch in range(state.epoch + 1, num_epochs + 1):
+        model.train()
+        train_seconds, epoch_tokens = 0.0, 0
+        tick = time.perf_counter()
+        for input_batch, target_batch in train_loader:
+            interrupts.check()  # a pending Ctrl-C/SIGTERM stops here, between two whole steps
+            step = state.global_step + 1
+            if lr_schedule is not None:
+                lr = lr_schedule(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
+            loss = train_step(model, optimizer, input_batch, target_batch, runtime, step=step, forward=forward,
+                              scaler=scaler, clip=clip, epoch=epoch)
+            state.global_step = step
+            state.tokens_seen += input_batch.numel()
+            epoch_tokens += input_batch.numel()
+            _emit(callbacks, "on_step", StepEvent(epoch, step, loss, lr, state.tokens_seen))
+            if step % eval_freq == 0:
+                train_seconds += time.perf_counter() - tick
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, runtime.device, eval_iter,
+                                                      precision=runtime.precision, forward=forward)
+                _emit(callbacks, "on_eval", EvalEvent(epoch, step, train_loss, val_loss, state.tokens_seen, lr))
+                tick = time.perf_counter()
+        train_seconds += time.perf_counter() - tick
+        state.epoch = epoch
+        if epoch_end is not None:
+            epoch_end(TrainedEpoch(epoch, state.global_step, state.tokens_seen,
+                                   epoch_tokens / max(train_seconds, 1e-9), train_seconds))
+    return state
 
 
 def run(
@@ -181,99 +321,78 @@ def run(
     model.to(runtime.device)
     optimizer = make_optimizer(model, config, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
-    state = {"epoch": 0, "global_step": -1, "tokens_seen": 0, "best_val_loss": math.inf, "best_epoch": 0}
+    state = LoopState()
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scaler, runtime)
-        result.best_val_loss, result.best_epoch = state["best_val_loss"], state["best_epoch"]
-    step_model = compile_blocks(model) if t.compile else model
+        result.best_val_loss, result.best_epoch = state.best_val_loss, state.best_epoch
+    forward = compile_blocks(model) if t.compile else model
 
     total_steps = len(data.train_loader) * t.num_epochs
-    _emit(callbacks, "on_start", StartEvent(config, runtime, model, data, total_steps, state["epoch"],
+    _emit(callbacks, "on_start", StartEvent(config, runtime, model, data, total_steps, state.epoch,
                                             resume_from is not None))
-    global_step, tokens_seen = state["global_step"], state["tokens_seen"]
-    epoch = state["epoch"]
+    epoch_end = _RunEpochEnd(config, runtime, model, data, optimizer, scaler, state, result, callbacks,
+                             checkpoint_dir)
     try:
-        for epoch in range(state["epoch"] + 1, t.num_epochs + 1):
-            model.train()
-            train_seconds, epoch_tokens = 0.0, 0
-            tick = time.perf_counter()
-            for input_batch, target_batch in data.train_loader:
-                interrupts.check()
-                step = global_step + 1
-                lr = lr_at(step, total_steps, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                with runtime.autocast():
-                    loss = calc_loss_batch(input_batch, target_batch, step_model, runtime.device)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if t.grad_clip is not None and step >= t.warmup_steps:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=t.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(f"training loss is {loss_value} at step {step} (epoch {epoch}): "
-                                        "lower train.lr or enable train.grad_clip")
-                global_step = step
-                tokens_seen += input_batch.numel()
-                epoch_tokens += input_batch.numel()
-                _emit(callbacks, "on_step", StepEvent(epoch, global_step, loss_value, lr, tokens_seen))
-                if global_step % t.eval_freq == 0:
-                    train_seconds += time.perf_counter() - tick
-                    ev = _book_eval(step_model, model, data, runtime, t.eval_iter)
-                    event = EvalEvent(epoch, global_step, ev[0], ev[1], tokens_seen, lr)
-                    result.evals.append(event)
-                    _emit(callbacks, "on_eval", event)
-                    tick = time.perf_counter()
-            train_seconds += time.perf_counter() - tick
-
-            epoch_event = _epoch_end(model, data, config, runtime, epoch, global_step, tokens_seen,
-                                     epoch_tokens / max(train_seconds, 1e-9), train_seconds)
-            result.epochs.append(epoch_event)
-            is_best = epoch_event.val_loss < result.best_val_loss
-            if is_best:
-                result.best_val_loss, result.best_epoch = epoch_event.val_loss, epoch
-            _emit(callbacks, "on_epoch_end", epoch_event)
-            if checkpoint_dir is not None and config.checkpoint.keep != "none":
-                state = {"epoch": epoch, "global_step": global_step, "tokens_seen": tokens_seen,
-                         "best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch}
-                event = _save(checkpoint_dir, config, model, optimizer, scaler, state, runtime, is_best)
-                _emit(callbacks, "on_checkpoint", event)
+        train_loop(model, data.train_loader, data.val_loader, optimizer, runtime, t.num_epochs, t.eval_freq,
+                   t.eval_iter, lr_schedule=lambda step: lr_at(step, total_steps, t),
+                   clip=None if t.grad_clip is None else GradClip(t.grad_clip, start=t.warmup_steps),
+                   callbacks=[_EvalRecorder(result), *callbacks], epoch_end=epoch_end, state=state,
+                   forward=forward, scaler=scaler)
     except StopTraining as exc:
         result.status = exc.status
-        _emit(callbacks, "on_end", EndEvent(exc.status, exc, len(result.epochs), global_step))
+        _emit(callbacks, "on_end", EndEvent(exc.status, exc, len(result.epochs), state.global_step))
         raise
     except INTERRUPTS as exc:
-        _emit(callbacks, "on_end", EndEvent("interrupted", exc, len(result.epochs), global_step))
+        _emit(callbacks, "on_end", EndEvent("interrupted", exc, len(result.epochs), state.global_step))
         raise
     except BaseException as exc:
-        _emit(callbacks, "on_end", EndEvent("failed", exc, len(result.epochs), global_step))
+        _emit(callbacks, "on_end", EndEvent("failed", exc, len(result.epochs), state.global_step))
         raise
     result.model = model
-    _emit(callbacks, "on_end", EndEvent("completed", None, epoch, global_step))
+    _emit(callbacks, "on_end", EndEvent("completed", None, state.epoch, state.global_step))
     return result
 
 
-def _book_eval(step_model, model, data: Splits, runtime: Runtime, eval_iter: int) -> tuple[float, float]:
-    """The book's evaluate_model: eval mode, the first eval_iter batches of each loader."""
-    model.eval()
-    with torch.inference_mode(), runtime.autocast():
-        train = calc_loss_loader(data.train_loader, step_model, runtime.device, num_batches=eval_iter)
-        val = calc_loss_loader(data.val_loader, step_model, runtime.device, num_batches=eval_iter)
-    model.train()
-    return train, val
+class _EvalRecorder(Callback):
+    def __init__(self, result: RunResult):
+        self.result = result
+
+    def on_eval(self, event: EvalEvent) -> None:
+        self.result.evals.append(event)
 
 
-def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, epoch: int, global_step: int,
-               tokens_seen: int, tokens_per_sec: float, seconds: float) -> EpochEvent:
+@dataclass
+class _RunEpochEnd:
+    """`run`'s epoch end, plugged into the core: a token-weighted evaluation of both whole splits,
+    a greedy sample, the best epoch so far, then a checkpoint."""
+
+    config: Config
+    runtime: Runtime
+    model: GPTModel
+    data: Splits
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    state: LoopState
+    result: RunResult
+    callbacks: list[Callback]
+    checkpoint_dir: Path | None
+
+    def __call__(self, trained: TrainedEpoch) -> None:
+        event = _epoch_end(self.model, self.data, self.config, self.runtime, trained)
+        self.result.epochs.append(event)
+        is_best = event.val_loss < self.state.best_val_loss
+        if is_best:
+            self.state.best_val_loss, self.state.best_epoch = event.val_loss, event.epoch
+            self.result.best_val_loss, self.result.best_epoch = event.val_loss, event.epoch
+        _emit(self.callbacks, "on_epoch_end", event)
+        if self.checkpoint_dir is not None and self.config.checkpoint.keep != "none":
+            saved = _save(self.checkpoint_dir, self.config, self.model, self.optimizer, self.scaler, self.state,
+                          self.runtime, is_best)
+            _emit(self.callbacks, "on_checkpoint", saved)
+
+
+def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, trained: TrainedEpoch) -> EpochEvent:
+    epoch, global_step = trained.epoch, trained.global_step
     ctx, bs = config.model.context_length, config.train.eval_batch_size
     with runtime.autocast():
         train = evaluate_split(model, data.train_ids, ctx, runtime.device, bs, name="train split")
@@ -290,8 +409,8 @@ def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, epoch: int
         out = generate(model, idx, config.sample.max_new_tokens, context_size=ctx)
     model.train()
     completion = token_ids_to_text(out[:, idx.shape[1]:], data.tokenizer)
-    return EpochEvent(epoch, global_step, train.loss, val.loss, tokens_seen, tokens_per_sec, seconds,
-                      completion, prompt)
+    return EpochEvent(epoch, global_step, train.loss, val.loss, trained.tokens_seen, trained.tokens_per_sec,
+                      trained.seconds, completion, prompt)
 
 
 def _rng_state(runtime: Runtime) -> dict:
@@ -301,23 +420,23 @@ def _rng_state(runtime: Runtime) -> dict:
     return state
 
 
-def _save(root: Path, config: Config, model, optimizer, scaler, loop: dict, runtime: Runtime,
+def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState, runtime: Runtime,
           is_best: bool) -> CheckpointEvent:
-    state = dict(loop, optimizer=optimizer.state_dict(), rng=_rng_state(runtime))
+    state = dict(loop.to_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(runtime))
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    folder = ckpt.save_checkpoint(root, loop["epoch"], model, state, config.to_yaml())
+    folder = ckpt.save_checkpoint(root, loop.epoch, model, state, config.to_yaml())
     index = ckpt.read_index(root)
     index["last"] = folder.name
     if is_best or "best" not in index:
-        index["best"], index["best_val_loss"], index["best_epoch"] = folder.name, loop["best_val_loss"], loop["epoch"]
+        index["best"], index["best_val_loss"], index["best_epoch"] = folder.name, loop.best_val_loss, loop.epoch
     ckpt.write_index(root, index)
     keep = {"last": {index["last"]}, "best": {index["best"]}, "both": {index["last"], index["best"]}}
     removed = () if config.checkpoint.keep == "all" else tuple(ckpt.prune(root, keep[config.checkpoint.keep]))
-    return CheckpointEvent(loop["epoch"], folder, root, is_best, removed)
+    return CheckpointEvent(loop.epoch, folder, root, is_best, removed)
 
 
-def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> dict:
+def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> LoopState:
     state = ckpt.load_state(folder)
     try:
         model.load_state_dict(ckpt.load_weights(folder), strict=True)
@@ -331,4 +450,4 @@ def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> dict:
         # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
         raise ckpt.CheckpointError(f"checkpoint {folder} does not fit this run's model and optimizer "
                                    f"({ckpt._first_line(exc)}): use another") from None
-    return {k: state[k] for k in ("epoch", "global_step", "tokens_seen", "best_val_loss", "best_epoch")}
+    return LoopState.from_dict(state)  # the loop's fields sit flat beside optimizer and rng
