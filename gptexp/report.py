@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import GptexpError
 from .provenance import redact
-from .sweep import TAG_STUDY, TAG_TRIAL
+from .sweep_spec import TAG_STUDY, TAG_TRIAL
 from .tables import aligned
 
 FORMATS = ("table", "md", "csv", "latex")
