@@ -30,10 +30,10 @@ from . import interrupts
 from .config import from_dict
 from .provenance import redact
 from .runtime import physical_cores
-from .sweep_spec import (TAG_STUDY, SweepError, SweepSpec, any_value, check_same_search, format_params, parse_spec,
-                         spec_dict)
+from .sweep_spec import SweepError, SweepSpec, any_value, check_same_search, format_params, parse_spec, spec_dict
 from .sweep_study import default_storage, make_pruner, make_sampler, open_storage, quiet_optuna, try_sampler_and_pruner
 from .sweep_trials import Context, run_workers, work
+from .tags import TAG_JOB, TAG_OPTUNA_STORAGE, TAG_STUDY
 
 
 def load_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | None = None,
@@ -58,7 +58,7 @@ def _parent_run(client, spec: SweepSpec, study, storage_url: str) -> str:
                 client.update_run(rid, status="RUNNING")
                 return rid
     run = client.create_run(experiment_id(client, spec.experiment), run_name=f"sweep-{spec.study}",
-                            tags={"gptexp.job": "sweep", TAG_STUDY: spec.study, "optuna.storage": redact(storage_url)})
+                            tags={TAG_JOB: "sweep", TAG_STUDY: spec.study, TAG_OPTUNA_STORAGE: redact(storage_url)})
     rid = run.info.run_id
     params = {f"sweep.{k}": v for k, v in {
         "study": spec.study, "objective": spec.objective, "direction": spec.direction, "reduce": spec.reduce,

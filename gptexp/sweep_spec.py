@@ -29,7 +29,6 @@ OBJECTIVES = {
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "categorical")
-TAG_STUDY, TAG_TRIAL = "gptexp.study", "gptexp.trial"
 SEARCH_ATTR = "gptexp.search"  # the study user attr that records what the study searches
 
 

@@ -15,8 +15,11 @@ from . import interrupts
 from .errors import INTERRUPTS
 from .provenance import redact
 from .runner import Callback, EpochEvent, StopTraining
-from .sweep_spec import OBJECTIVES, TAG_STUDY, TAG_TRIAL, SweepError, SweepSpec, any_value, format_params
+from .sweep_spec import OBJECTIVES, SweepError, SweepSpec, any_value, format_params
 from .sweep_study import make_pruner, make_sampler, open_storage, quiet_optuna, sampler_seed
+from .tags import (MLFLOW_PARENT_RUN_ID, TAG_BEST_PREFIX, TAG_BEST_RUN_ID, TAG_BEST_TRIAL, TAG_ERROR, TAG_JOB,
+                   TAG_OPTUNA_STATE, TAG_OPTUNA_STUDY_NAME, TAG_OPTUNA_TRIAL_NUMBER, TAG_OPTUNA_VALUE,
+                   TAG_RETRY_OF_TRIAL, TAG_SAMPLER_SEED, TAG_STATUS, TAG_STOP, TAG_STUDY, TAG_TRIAL)
 
 
 class PruneOnEpoch(Callback):
@@ -92,13 +95,13 @@ def run_trial(ctx: Context, study, trial, client) -> str:
         # trial must not stay RUNNING in the storage.
         study.tell(trial, state=TrialState.FAIL)
         raise
-    tags = {"gptexp.job": "trial", TAG_STUDY: spec.study, TAG_TRIAL: str(trial.number),
-            "optuna.study_name": spec.study, "optuna.trial_number": str(trial.number),
-            "gptexp.sampler_seed": str(ctx.sampler_seed)}
+    tags = {TAG_JOB: "trial", TAG_STUDY: spec.study, TAG_TRIAL: str(trial.number),
+            TAG_OPTUNA_STUDY_NAME: spec.study, TAG_OPTUNA_TRIAL_NUMBER: str(trial.number),
+            TAG_SAMPLER_SEED: str(ctx.sampler_seed)}
     trial.set_user_attr("sampler_seed", ctx.sampler_seed)
     retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(study._storage.get_trial(trial._trial_id))
     if retried is not None:
-        tags["gptexp.retry_of_trial"] = str(retried)
+        tags[TAG_RETRY_OF_TRIAL] = str(retried)
     run_ids: list[str] = []
 
     def created(run_id: str) -> None:
@@ -142,10 +145,10 @@ def run_trial(ctx: Context, study, trial, client) -> str:
 
 
 def _refused_run(client, ctx: Context, number: int, tags: dict, error: str) -> str:
-    from .tracking import TAG_ERROR, experiment_id
+    from .tracking import experiment_id
 
     run = client.create_run(experiment_id(client, ctx.spec.experiment), run_name=f"{ctx.spec.study}-trial-{number}",
-                            tags={**tags, "mlflow.parentRunId": ctx.parent_run_id, TAG_ERROR: redact(error)[:5000]})
+                            tags={**tags, MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, TAG_ERROR: redact(error)[:5000]})
     client.set_terminated(run.info.run_id, status="FAILED")
     return run.info.run_id
 
@@ -153,9 +156,9 @@ def _refused_run(client, ctx: Context, number: int, tags: dict, error: str) -> s
 def _tag_child(client, run_ids: list[str], state: str, value: float | None = None) -> None:
     for rid in run_ids:
         with contextlib.suppress(Exception):
-            client.set_tag(rid, "optuna.state", {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED"}.get(state, "FAIL"))
+            client.set_tag(rid, TAG_OPTUNA_STATE, {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED"}.get(state, "FAIL"))
             if value is not None:
-                client.set_tag(rid, "optuna.value", repr(value))
+                client.set_tag(rid, TAG_OPTUNA_VALUE, repr(value))
 
 
 def _log_best(ctx: Context, study, number: int, value: float, params: dict, run_id: str | None, client) -> None:
@@ -166,11 +169,11 @@ def _log_best(ctx: Context, study, number: int, value: float, params: dict, run_
     if best.number != number:
         return
     client.log_metric(ctx.parent_run_id, "best_value", value, step=number)
-    client.set_tag(ctx.parent_run_id, "best.trial", str(number))
+    client.set_tag(ctx.parent_run_id, TAG_BEST_TRIAL, str(number))
     if run_id:
-        client.set_tag(ctx.parent_run_id, "best.run_id", run_id)
+        client.set_tag(ctx.parent_run_id, TAG_BEST_RUN_ID, run_id)
     for k, v in params.items():
-        client.set_tag(ctx.parent_run_id, f"best.{k}", str(v))
+        client.set_tag(ctx.parent_run_id, TAG_BEST_PREFIX + k, str(v))
 
 
 def _fail_stale(study, client, checked: set[int]) -> None:
@@ -187,8 +190,8 @@ def _fail_stale(study, client, checked: set[int]) -> None:
         checked.add(t.number)
         with contextlib.suppress(Exception):
             if client.get_run(rid).info.status == "RUNNING":
-                client.set_tag(rid, "gptexp.error", "its worker stopped (no heartbeat): the trial was failed and retried")
-                client.set_tag(rid, "optuna.state", "FAIL")
+                client.set_tag(rid, TAG_ERROR, "its worker stopped (no heartbeat): the trial was failed and retried")
+                client.set_tag(rid, TAG_OPTUNA_STATE, "FAIL")
                 client.set_terminated(rid, status="FAILED")
 
 
@@ -334,7 +337,7 @@ def _fail_abandoned(ctx: Context, trial_id: int) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from .tracking import TAG_ERROR, TAG_STOP, get_client
+    from .tracking import get_client
 
     storage = open_storage(ctx.storage_url, ctx.spec)
     trial = storage.get_trial(trial_id)
@@ -343,13 +346,13 @@ def _fail_abandoned(ctx: Context, trial_id: int) -> None:
     rid = trial.user_attrs.get("mlflow_run_id")
     if rid:
         # KILLED when the sweep was being stopped (as an interrupted run ends), else FAILED.
-        status, tags = (("KILLED", {TAG_STOP: "its worker was stopped", "gptexp.status": "interrupted"})
+        status, tags = (("KILLED", {TAG_STOP: "its worker was stopped", TAG_STATUS: "interrupted"})
                         if interrupts.requested() else
-                        ("FAILED", {TAG_ERROR: "its worker ended without finishing the trial", "gptexp.status": "failed"}))
+                        ("FAILED", {TAG_ERROR: "its worker ended without finishing the trial", TAG_STATUS: "failed"}))
         client = get_client()
         with contextlib.suppress(Exception):
             if client.get_run(rid).info.status == "RUNNING":
-                for key, value in {**tags, "optuna.state": "FAIL"}.items():
+                for key, value in {**tags, TAG_OPTUNA_STATE: "FAIL"}.items():
                     client.set_tag(rid, key, value)
                 client.set_terminated(rid, status=status)
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
