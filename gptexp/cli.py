@@ -232,13 +232,13 @@ def cmd_eval(args) -> int:
 
 
 def _track_eval(config, args, folder, data, rows) -> None:
-    from .tracking import (TAG_JOB, get_client, log_flat_params, log_metrics, run_params, tracked_run,
-                           write_failures)
+    from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
+    from .tracking import get_client, log_flat_params, log_metrics, run_params, tracked_run, write_failures
 
     client = get_client()
-    tags = {TAG_JOB: "eval", "gptexp.checkpoint": str(folder), "gptexp.corpus_sha256": data.corpus.sha256}
+    tags = {TAG_JOB: "eval", TAG_CHECKPOINT: str(folder), TAG_CORPUS_SHA256: data.corpus.sha256}
     if args.run:
-        tags["gptexp.source_run"] = args.run
+        tags[TAG_SOURCE_RUN] = args.run
     with write_failures(client), \
             tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
         log_flat_params(client, run_id, run_params(config))

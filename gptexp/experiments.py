@@ -36,11 +36,9 @@ import yaml
 from .config import Config, ConfigError, from_dict, load_yaml, yaml_problem
 from .errors import GptexpError
 from .tables import aligned
+from .tags import TAG_EXPERIMENT_SPEC, TAG_JOB, TAG_MAX_ABS_DIFF, TAG_RERUN_OF, TAG_VERDICT
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-TAG_SPEC = "gptexp.experiment_spec"
-TAG_VERDICT = "gptexp.verdict"
-TAG_RERUN_OF = "gptexp.rerun_of"
 COMPARISON_ARTIFACT = "reproduce/comparison.csv"
 DEFAULT_TOLERANCES = {"train_loss": 1e-3, "val_loss": 1e-3, "tokens_seen": 0.0}
 EVAL_METRICS = ("train_loss", "val_loss", "tokens_seen")
@@ -321,7 +319,7 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
               callbacks=()) -> ReproduceOutcome:
     """Run the spec's config as a tracked run and compare it with the expected results."""
     from . import jobs
-    from .tracking import TAG_JOB, get_client
+    from .tracking import get_client
 
     spec = load_spec(name_or_path, directory)
     data = jobs.preflight(spec.config)
@@ -329,16 +327,16 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     client = client or get_client()
     tick = time.perf_counter()
     outcome = jobs.train(spec.config, run_name=f"reproduce-{spec.name}",
-                         tags={TAG_JOB: "reproduce", TAG_SPEC: spec.name},
+                         tags={TAG_JOB: "reproduce", TAG_EXPERIMENT_SPEC: spec.name},
                          data=data, client=client, callbacks=list(callbacks), console=console)
     seconds = time.perf_counter() - tick
     rows = compare(spec, outcome.result)
     result = ReproduceOutcome(spec, outcome.run_id, rows, seconds)
     rid = outcome.run_id
     client.set_tag(rid, TAG_JOB, "reproduce")
-    client.set_tag(rid, TAG_SPEC, spec.name)
+    client.set_tag(rid, TAG_EXPERIMENT_SPEC, spec.name)
     client.set_tag(rid, TAG_VERDICT, result.verdict)
-    client.set_tag(rid, "gptexp.max_abs_diff", repr(max_diff(rows)))
+    client.set_tag(rid, TAG_MAX_ABS_DIFF, repr(max_diff(rows)))
     client.log_text(rid, rows_to_csv(rows), COMPARISON_ARTIFACT)
     client.log_text(rid, spec.path.read_text(encoding="utf-8"), f"reproduce/{spec.path.name}")
     return result

@@ -21,7 +21,8 @@ from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
 from .runtime import resolve_device, resolve_precision
 from .splits import Splits, prepare_data
-from .tracking import (TAG_JOB, MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
+from .tags import TAG_JOB
+from .tracking import (MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
                        require_writable, tracked_run, write_failures)
 
 

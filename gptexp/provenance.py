@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .tags import (TAG_COMMAND, TAG_CPU, TAG_CUDA_VERSION, TAG_DEVICE, TAG_GPU, TAG_PLATFORM, TAG_PRECISION,
+                   TAG_PYTHON_VERSION, TAG_THREADS, TAG_TORCH_VERSION)
+
 REPO = Path(__file__).resolve().parents[1]
 # The start of a URL: a scheme that is not the tail of a longer word (so `--storage=postgresql://`
 # finds `postgresql`), then the user up to the first ':' as SQLAlchemy reads it (it may hold '@').
@@ -121,16 +124,16 @@ def cpu_model() -> str:
 
 def environment_tags(device: torch.device, precision: str, threads: int) -> dict[str, str]:
     tags = {
-        "gptexp.python_version": platform.python_version(),
-        "gptexp.torch_version": torch.__version__,
-        "gptexp.cuda_version": str(torch.version.cuda),
-        "gptexp.device": str(device),
-        "gptexp.precision": precision,
-        "gptexp.threads": str(threads),
-        "gptexp.cpu": cpu_model(),
-        "gptexp.platform": platform.platform(),
-        "gptexp.command": redact(" ".join(sys.argv)),
+        TAG_PYTHON_VERSION: platform.python_version(),
+        TAG_TORCH_VERSION: torch.__version__,
+        TAG_CUDA_VERSION: str(torch.version.cuda),
+        TAG_DEVICE: str(device),
+        TAG_PRECISION: precision,
+        TAG_THREADS: str(threads),
+        TAG_CPU: cpu_model(),
+        TAG_PLATFORM: platform.platform(),
+        TAG_COMMAND: redact(" ".join(sys.argv)),
     }
     if device.type == "cuda":
-        tags["gptexp.gpu"] = torch.cuda.get_device_name(device)
+        tags[TAG_GPU] = torch.cuda.get_device_name(device)
     return tags

@@ -17,18 +17,18 @@ from pathlib import Path
 
 from .errors import GptexpError
 from .provenance import redact
-from .sweep import TAG_STUDY, TAG_TRIAL
+from .tags import (MLFLOW_GIT_COMMIT, TAG_CORPUS_SHA256, TAG_CPU, TAG_DEVICE, TAG_GIT_DIRTY, TAG_GPU, TAG_IMPL, TAG_JOB,
+                   TAG_OPTUNA_STATE, TAG_PRECISION, TAG_PYTHON_VERSION, TAG_STUDY, TAG_THREADS, TAG_TORCH_VERSION,
+                   TAG_TRIAL)
 from .tables import aligned
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
-TAG_STATE = "optuna.state"
 # Metrics where more is better; every other metric (losses, perplexities) is best when lowest.
 HIGHER_IS_BETTER = ("tokens_per_sec",)
 # Provenance tags that `compare` shows when they differ.
-COMPARE_TAGS = ("gptexp.impl", "gptexp.device", "gptexp.precision", "gptexp.threads", "gptexp.cpu", "gptexp.gpu",
-                "gptexp.torch_version", "gptexp.python_version", "mlflow.source.git.commit", "gptexp.git_dirty",
-                "gptexp.corpus_sha256")
+COMPARE_TAGS = (TAG_IMPL, TAG_DEVICE, TAG_PRECISION, TAG_THREADS, TAG_CPU, TAG_GPU, TAG_TORCH_VERSION,
+                TAG_PYTHON_VERSION, MLFLOW_GIT_COMMIT, TAG_GIT_DIRTY, TAG_CORPUS_SHA256)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -61,13 +61,13 @@ def _quote(value: str) -> str:
 
 
 def known_studies(client) -> list[str]:
-    runs = _search(client, "tags.`gptexp.job` = 'sweep'")
+    runs = _search(client, f"tags.`{TAG_JOB}` = 'sweep'")
     return sorted({r.data.tags.get(TAG_STUDY) for r in runs if r.data.tags.get(TAG_STUDY)})
 
 
 def latest_study(client) -> str | None:
     """The study whose trial started last (a sweep stopped before its first trial has nothing to show)."""
-    runs = _search(client, "tags.`gptexp.job` = 'trial'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = _search(client, f"tags.`{TAG_JOB}` = 'trial'", order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].data.tags.get(TAG_STUDY) if runs else None
 
 
@@ -79,7 +79,7 @@ def latest_experiment(client) -> str | None:
 
 def study_runs(client, study: str) -> list:
     runs = _search(client, f"tags.`{TAG_STUDY}` = '{_quote(study)}'")
-    trials = [r for r in runs if r.data.tags.get("gptexp.job") != "sweep"]
+    trials = [r for r in runs if r.data.tags.get(TAG_JOB) != "sweep"]
     if not trials:
         studies = known_studies(client)
         known = ", ".join(studies) if studies else "none (run gptexp sweep first)"
@@ -170,7 +170,7 @@ def runs_frame(client, runs, metric: str, *, study: bool = False):
         if study:
             trial = r.data.tags.get(TAG_TRIAL)
             row["trial"] = int(trial) if trial is not None and trial.isdigit() else trial
-            row["state"] = r.data.tags.get(TAG_STATE, "-")
+            row["state"] = r.data.tags.get(TAG_OPTUNA_STATE, "-")
         row["run"] = r.info.run_name or "-"
         row["run_id"] = r.info.run_id[:8]
         for k in params:

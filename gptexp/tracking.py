@@ -28,12 +28,11 @@ from . import interrupts
 from .errors import INTERRUPTS, GptexpError, RunFailed
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
+from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORPUS_SHA256, TAG_ERROR, TAG_GIT_DIRTY,
+                   TAG_IMPL, TAG_NUM_PARAMETERS, TAG_RESUMED_FROM_EPOCH, TAG_STATUS, TAG_STOP)
+from .tags import TAG_JOB as TAG_JOB  # still imported from here by bench.py
 
 DEFAULT_EXPERIMENT = "gptexp"
-# Run tags of our own, next to MLflow's mlflow.* ones.
-TAG_ERROR = "gptexp.error"
-TAG_STOP = "gptexp.stop_reason"
-TAG_JOB = "gptexp.job"
 
 
 def tracking_uri() -> str:
@@ -274,15 +273,15 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
             interrupts.check()
             yield run_id
         except StopTraining as exc:
-            _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), "gptexp.status": exc.status})
+            _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), TAG_STATUS: exc.status})
             raise
         except INTERRUPTS:
-            _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", "gptexp.status": "interrupted"})
+            _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", TAG_STATUS: "interrupted"})
             raise
         except BaseException as exc:
-            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", "gptexp.status": "failed"})
+            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", TAG_STATUS: "failed"})
             raise
-        _end(client, run_id, "FINISHED", {"gptexp.status": "completed"})
+        _end(client, run_id, "FINISHED", {TAG_STATUS: "completed"})
 
 
 def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, parent_run_id: str | None,
@@ -292,7 +291,7 @@ def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, 
         return resume_run_id
     all_tags = dict(tags or {})
     if parent_run_id is not None:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
     return run.info.run_id
 
@@ -349,18 +348,18 @@ class MlflowLogger(Callback):
         git = git_state()
         tags = environment_tags(event.runtime.device, event.runtime.precision, event.runtime.threads)
         tags.update({
-            "gptexp.impl": cfg.model.impl,
-            "gptexp.num_parameters": str(event.model.num_parameters()),
-            "gptexp.corpus": redact(event.data.corpus.name),
-            "gptexp.corpus_sha256": event.data.corpus.sha256,
-            "gptexp.git_dirty": str(git.dirty).lower(),
+            TAG_IMPL: cfg.model.impl,
+            TAG_NUM_PARAMETERS: str(event.model.num_parameters()),
+            TAG_CORPUS: redact(event.data.corpus.name),
+            TAG_CORPUS_SHA256: event.data.corpus.sha256,
+            TAG_GIT_DIRTY: str(git.dirty).lower(),
         })
         if git.commit:
-            tags["mlflow.source.git.commit"] = git.commit
+            tags[MLFLOW_GIT_COMMIT] = git.commit
         for k, v in tags.items():
             c.set_tag(rid, k, v)
         if event.resumed:
-            c.set_tag(rid, "gptexp.resumed_from_epoch", str(event.start_epoch))
+            c.set_tag(rid, TAG_RESUMED_FROM_EPOCH, str(event.start_epoch))
             self._reload_history(event.start_epoch)
             return
         c.log_text(rid, cfg.to_yaml(), "config/config.yaml")

@@ -182,7 +182,8 @@ def test_yaml_merge_keys_may_still_be_overridden_and_tags_are_still_refused(tmp_
     ("  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, type: int}\n", "type"),  # inside space
 ])
 def test_a_sweep_spec_with_a_key_given_twice_is_refused(tmp_path, duplicate, key):
-    from gptexp.sweep import SweepError, load_spec
+    from gptexp.sweep import load_spec
+    from gptexp.sweep_spec import SweepError
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text(f"study: s\nbase:\n  config: {TINY}\nsampler:\n  name: tpe\nn_trials: 2\n"

@@ -333,7 +333,8 @@ def test_journal_storages_on_a_file_and_on_redis_run_a_study(tmp_path, corpus, m
     storage = f"journal://{tmp_path}/journal.log" if kind == "journal" else "redis://127.0.0.1:6379/0"
     spec = write_spec(tmp_path, corpus, study=study_name, n_trials=1)
     assert sweep(spec, storage) == 0
-    from gptexp.sweep import load_spec, open_storage
+    from gptexp.sweep import load_spec
+    from gptexp.sweep_study import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage, load_spec(spec)))
     try:
