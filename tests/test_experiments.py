@@ -15,7 +15,6 @@ from conftest import REPO, TINY, VERDICT_SHA256
 from gptexp import jobs, provenance
 from gptexp.cli import main
 from gptexp.config import from_dict, load_config
-from gptexp.experiments import load_spec
 from gptexp.tracking import local_artifact_dir
 
 ONE_EPOCH = ["train.num_epochs=1"]
