@@ -115,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupts.install()
+    showwarning = warnings.showwarning
+    try:
+        with interrupts.handled():
+            return _main(argv)
+    finally:
+        warnings.showwarning = showwarning  # a caller's warnings keep their own format
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow's store-migration notices and artifact progress bars drown the training log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

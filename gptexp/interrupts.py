@@ -65,6 +65,23 @@ def install() -> None:
         signal.signal(signum, _handle)
 
 
+@contextlib.contextmanager
+def handled():
+    """install() for the length of one command; the handlers that were there come back after it,
+    so a process that calls `gptexp.cli.main` (a test runner, a notebook) keeps its own Ctrl-C
+    and SIGTERM, and `timeout` can still stop it."""
+    main = threading.current_thread() is threading.main_thread()
+    # getsignal gives None for a handler set outside Python, which cannot be put back from here.
+    previous = {s: signal.getsignal(s) for s in SIGNALS} if main else {}
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 def requested() -> int | None:
     """The signal number of the pending stop request, or None."""
     return _request.signum

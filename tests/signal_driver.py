@@ -111,6 +111,10 @@ def one_run(mode: str, rng: random.Random, number: int, train_args: list[str]) -
 
 def run(mode: str, runs: int, seed: int, train_args: list[str]) -> None:
     rng = random.Random(seed)
+    # main() handles signals while it runs and puts these back when it returns: a second signal
+    # that lands after the run has ended is ignored here, as a real process would have exited.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     if mode == "gc":
         gc.set_threshold(100)  # collections every few steps, so the countdown ends early in training
     for number in range(runs):

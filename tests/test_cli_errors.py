@@ -222,3 +222,21 @@ def test_bad_generate_arguments_are_one_line_exit_2_before_any_model_loads(args,
     err = capsys.readouterr().err
     assert exited.value.code == 2
     assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_main_gives_the_callers_signal_handlers_and_warning_format_back(capsys):
+    import signal
+    import warnings
+
+    def mine(signum, frame):
+        pass
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    showwarning = warnings.showwarning
+    try:
+        assert main(["generate", "--checkpoint", "/no/such/folder", "--prompt", "hi"]) == 2
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+        assert warnings.showwarning is showwarning
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
