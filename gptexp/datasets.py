@@ -5,7 +5,7 @@
 the book's shuffle (and consumes the global RNG exactly as the book's loader does, which keeps
 dropout masks aligned in a seeded training run). A text too short for one window gives an empty
 dataset and loader, as the book's do; the clear error comes where one would be used: the
-harness's preflight (splits.prepare_data, `from_token_ids`, `make_loader`) and `calc_loss_loader`,
+harness's preflight (data.prepare_data, `from_token_ids`, `make_loader`) and `calc_loss_loader`,
 where the book would return NaN.
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import CorpusError
-from .tokens import token_dtype
+from .token_cache import token_dtype
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
 from .runtime import resolve_device, resolve_precision
-from .splits import Splits, prepare_data
+from .data import Splits, prepare_data
 from .tags import TAG_JOB
 from .tracking import (MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
                        require_writable, tracked_run, write_failures)

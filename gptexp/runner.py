@@ -32,7 +32,7 @@ from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perpl
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
 from .runtime import Runtime, autocast, resolve_runtime
-from .splits import Splits, prepare_data
+from .data import Splits, prepare_data
 
 
 class StopTraining(Exception):

@@ -195,7 +195,7 @@ def test_a_sweep_spec_with_a_key_given_twice_is_refused(tmp_path, duplicate, key
 def test_an_experiment_spec_with_a_key_given_twice_is_refused(tmp_path):
     from conftest import REPO
     from gptexp.errors import GptexpError
-    from gptexp.experiments import load_spec
+    from gptexp.reproduce import load_spec
 
     spec = tmp_path / "twice.yaml"
     spec.write_text((REPO / "experiments" / "ch05-verdict.yaml").read_text() + "\nseed: 124\n")

@@ -10,13 +10,13 @@ import torch
 
 import gptexp
 import gptexp.corpus
-import gptexp.tokens
+import gptexp.token_cache
 from gptexp.datasets import GPTDatasetV1, make_loader, num_windows
 from gptexp.errors import CorpusError
 from conftest import TINY
 from gptexp.config import load_config
-from gptexp.splits import prepare_data
-from gptexp.tokens import HEADER_BYTES, cache_path, cached_token_ids
+from gptexp.data import prepare_data
+from gptexp.token_cache import HEADER_BYTES, cache_path, cached_token_ids
 
 
 @pytest.mark.parametrize("max_length,stride", [(4, 1), (4, 4), (8, 3), (256, 128), (16, 32)])
@@ -140,7 +140,7 @@ def test_a_token_cache_that_does_not_verify_is_rebuilt_with_a_warning(tmp_path, 
 
 def test_a_large_cache_is_memory_mapped_after_its_header_and_verified(tmp_path, tokenizer, verdict_text,
                                                                       monkeypatch):
-    monkeypatch.setattr(gptexp.tokens, "MMAP_BYTES", 1)
+    monkeypatch.setattr(gptexp.token_cache, "MMAP_BYTES", 1)
     expected = cached_token_ids(verdict_text, tokenizer, tmp_path)
     mapped = cached_token_ids(verdict_text, tokenizer, tmp_path)
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, expected)

@@ -110,7 +110,7 @@ def test_eval_of_the_runs_checkpoint_reproduces_the_logged_final_val_loss(finish
     folder = jobs.run_checkpoint(client, run_id, "last")
     from gptexp.checkpoint import load_model
     from gptexp.evaluation import evaluate_split
-    from gptexp.splits import prepare_data
+    from gptexp.data import prepare_data
 
     config = load_config(folder / "config.yaml")
     exact = evaluate_split(load_model(folder), prepare_data(config).val_ids, 64, "cpu", 8).loss

@@ -17,7 +17,7 @@ from .corpus import Corpus, default_data_dir, load_corpus, sha256_text
 from .datasets import GPTDatasetV1, make_loader, split_text
 from .errors import CorpusError
 from .tokenizer import get_tokenizer
-from .tokens import cached_token_ids
+from .token_cache import cached_token_ids
 
 
 @dataclass
