@@ -952,13 +952,6 @@ def main(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """`gptexp bench`, for the CLI's subcommand modules."""
-    p = subparsers.add_parser("bench", help="measure gptexp against the book's implementation (JSON + MLflow)")
-    add_arguments(p)
-    p.set_defaults(func=main)
-
-
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m gptexp.bench", description=__doc__.splitlines()[0])
     add_arguments(_parser)

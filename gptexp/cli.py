@@ -7,22 +7,34 @@ exits 130 with the MLflow run marked KILLED.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from . import interrupts
+import torch
+
+from . import bench, interrupts, jobs, report, reproduce, sweep
+from . import checkpoint as ckpt
+from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
+from .evaluation import evaluate_split
+from .generation import generate, text_to_token_ids, token_ids_to_text
+from .provenance import redact
+from .runner import NonFiniteLoss
+from .runtime import resolve_runtime
+from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
+from .tokenizer import get_tokenizer
+from .tracking import get_client, log_flat_params, log_metrics, resolve_run_id, run_params, tracked_run, write_failures
 
 EXIT_BAD_INPUT = 2
 # Below this temperature sampling is greedy in all but name, and logits / T overflow to inf as
 # T nears float32's smallest values; above the upper bound it is uniform noise.
 TEMPERATURE_RANGE = (0.01, 100.0)
-# Modules that add their own subcommands: each has register(subparsers), setting func=... on its parsers.
-COMMAND_MODULES = ("sweep", "reproduce", "report", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,32 +87,21 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", choices=("last", "best"), default="last", help="with --run: which checkpoint (default last)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import MAX_NEW_TOKENS, MAX_SEED
-
-    parser = _Parser(
-        prog="gptexp",
-        description="Pretrain GPT-2-style models as in chapter 5 of 'Build a Large Language Model (From Scratch)', "
-                    "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("train", help="train a model (one MLflow run), or resume a run")
-    p.set_defaults(func=cmd_train)
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint (same run)")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
     p.add_argument("--run-name", metavar="NAME", help="MLflow run name")
     _add_set(p)
 
-    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on both splits")
-    p.set_defaults(func=cmd_eval)
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _add_source(p)
     p.add_argument("--no-track", action="store_true", help="do not record the evaluation as an MLflow run")
     _add_set(p)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.set_defaults(func=cmd_generate)
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
     _add_source(p)
     p.add_argument("--prompt", required=True, type=_prompt, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_int_in(0, MAX_NEW_TOKENS), default=50, metavar="N")
@@ -109,8 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_int_in(1, 2**31 - 1), default=None, metavar="K")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=123, metavar="S")
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"gptexp.{name}").register(sub)
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # returns the exit code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gptexp",
+        description="Pretrain GPT-2-style models as in chapter 5 of 'Build a Large Language Model (From Scratch)', "
+                    "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
@@ -130,13 +149,10 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.showwarning = _one_line_warnings(warnings.showwarning)
-    from .runner import NonFiniteLoss
-
     try:
         return args.func(args)
     except GptexpError as exc:
-        from .provenance import redact  # messages quote storage URLs and driver errors
-
+        # Messages quote storage URLs and driver errors, which may hold passwords.
         print(f"gptexp: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as exc:
@@ -168,9 +184,6 @@ def _one_line_warnings(default):
 
 
 def cmd_train(args) -> int:
-    from . import jobs
-    from .config import load_config
-
     if args.resume:
         if args.config or args.overrides:
             raise GptexpError("--resume continues a run with its recorded config: drop --config and --set")
@@ -190,18 +203,10 @@ def cmd_train(args) -> int:
 
 def _load_for_inference(args, overrides=()):
     """(model, config, source description) from --run/--checkpoint."""
-    from pathlib import Path
-
-    from . import checkpoint as ckpt
-    from .config import apply_overrides, from_dict, read_yaml
-
     if args.run:
-        from .jobs import run_checkpoint
-        from .tracking import get_client, resolve_run_id
-
         client = get_client()
         args.run = resolve_run_id(client, args.run)  # the full id from here on (messages, tags)
-        folder = run_checkpoint(client, args.run, args.which)
+        folder = jobs.run_checkpoint(client, args.run, args.which)
         source = f"run {args.run} ({folder.name})"
     else:
         folder = ckpt.resolve_checkpoint_path(Path(args.checkpoint))
@@ -218,12 +223,8 @@ def _load_for_inference(args, overrides=()):
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_split
-    from .jobs import preflight
-    from .runtime import resolve_runtime
-
     model, config, folder, source = _load_for_inference(args, args.overrides)
-    data = preflight(config, training=False)
+    data = jobs.preflight(config, training=False)
     rt = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
     model.to(rt.device)
     ctx, bs = config.model.context_length, config.train.eval_batch_size
@@ -240,9 +241,6 @@ def cmd_eval(args) -> int:
 
 
 def _track_eval(config, args, folder, data, rows) -> None:
-    from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
-    from .tracking import get_client, log_flat_params, log_metrics, run_params, tracked_run, write_failures
-
     client = get_client()
     tags = {TAG_JOB: "eval", TAG_CHECKPOINT: str(folder), TAG_CORPUS_SHA256: data.corpus.sha256}
     if args.run:
@@ -258,11 +256,6 @@ def _track_eval(config, args, folder, data, rows) -> None:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from .generation import generate, text_to_token_ids, token_ids_to_text
-    from .tokenizer import get_tokenizer
-
     model, config, _, _ = _load_for_inference(args)
     tokenizer = get_tokenizer("gpt2")
     torch.manual_seed(args.seed)
@@ -274,6 +267,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# Every subcommand, in the order `gptexp --help` lists them.
+COMMANDS = (
+    Command("train", "train a model (one MLflow run), or resume a run", _train_arguments, cmd_train),
+    Command("eval", "loss and perplexity of a checkpoint on both splits", _eval_arguments, cmd_eval),
+    Command("generate", "continue a prompt with a trained model", _generate_arguments, cmd_generate),
+    Command("sweep", "an Optuna sweep; each trial a nested MLflow run", sweep.add_sweep_arguments, sweep.cmd_sweep),
+    Command("reproduce", "run a named experiment spec and check it against its expected results",
+            reproduce.add_reproduce_arguments, reproduce.cmd_reproduce),
+    Command("rerun", "a new run from a run's recorded config (tagged gptexp.rerun_of)", reproduce.add_rerun_arguments,
+            reproduce.cmd_rerun),
+    Command("report", "a table of runs or of a study's trials, best first", report.add_report_arguments,
+            report.cmd_report),
+    Command("compare", "two runs side by side: differing params, metrics, last samples", report.add_compare_arguments,
+            report.cmd_compare),
+    Command("bench", "measure gptexp against the book's implementation (JSON + MLflow)", bench.add_arguments,
+            bench.main),
+)
 
 
 if __name__ == "__main__":

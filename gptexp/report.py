@@ -7,6 +7,7 @@ each trial `gptexp.job=trial`, `gptexp.study=NAME`, `gptexp.trial=N`, `optuna.st
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -389,10 +390,8 @@ def _plain_table(header: list[str], rows: list[list[str]], right: set[int] = fro
 # ---------------------------------------------------------------------------- CLI
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="a table of runs or of a study's trials, best first",
-                              description="Default: the study of the latest sweep trial, else the experiment "
-                                          "of the latest run.")
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Default: the study of the latest sweep trial, else the experiment of the latest run."
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", metavar="NAME", help="the runs of this MLflow experiment")
     which.add_argument("--study", metavar="NAME", help="the trials of this sweep study")
@@ -401,12 +400,11 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="table (default), md, csv or latex; with --out, guessed from the suffix")
     p.add_argument("--out", metavar="PATH", help="write the report to this file instead of stdout")
-    p.set_defaults(func=cmd_report)
 
-    p = subparsers.add_parser("compare", help="two runs side by side: differing params, metrics, last samples")
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_a", metavar="RUN_A")
     p.add_argument("run_b", metavar="RUN_B")
-    p.set_defaults(func=cmd_compare)
 
 
 _SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".tex": "latex", ".txt": "table"}

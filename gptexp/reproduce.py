@@ -23,6 +23,7 @@ every point, tags the run `gptexp.experiment_spec` and `gptexp.verdict`, and log
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import math
@@ -363,20 +364,19 @@ def rerun(run_id: str, *, client=None, experiment: str | None = None, console: b
 # ---------------------------------------------------------------------------- CLI
 
 
-def register(subparsers) -> None:
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    """`gptexp reproduce`'s arguments; its description lists the specs in experiments/."""
     names = ", ".join(available_experiments()) or "none yet"
-    p = subparsers.add_parser("reproduce", help="run a named experiment spec and check it against its expected results",
-                              description=f"Experiments in {EXPERIMENTS_DIR}: {names}. Exit 0 when every "
-                                          "expected point is within tolerance, 1 otherwise.")
+    p.description = (f"Experiments in {EXPERIMENTS_DIR}: {names}. Exit 0 when every expected point is within "
+                     "tolerance, 1 otherwise.")
     p.add_argument("experiment", metavar="EXPERIMENT", help="a spec name in experiments/ (e.g. ch05-verdict) or a path")
     p.add_argument("--quiet", action="store_true", help="no per-step progress")
-    p.set_defaults(func=cmd_reproduce)
 
-    p = subparsers.add_parser("rerun", help="a new run from a run's recorded config (tagged gptexp.rerun_of)")
+
+def add_rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the source run's)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress")
-    p.set_defaults(func=cmd_rerun)
 
 
 def cmd_reproduce(args) -> int:

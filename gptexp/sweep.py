@@ -197,8 +197,8 @@ def _print_summary(spec: SweepSpec, summary: dict) -> None:
 
 # --- command line ------------------------------------------------------------------------------
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="an Optuna sweep; each trial a nested MLflow run")
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """`gptexp sweep`'s arguments."""
     p.add_argument("--config", required=True, metavar="PATH", help="sweep spec YAML, e.g. configs/sweep.yaml")
     p.add_argument("--n-trials", type=int, metavar="N", help="finished (complete or pruned) trials to reach")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="processes sharing the storage (default 1)")
@@ -208,7 +208,6 @@ def register(subparsers) -> None:
                         "(default sqlite:///mlruns/optuna.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key of the base run config (repeatable)")
-    p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
