@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict
-from .errors import GptexpError
+from .errors import GptexpError, first_line
 from .model import MODEL_KEYS
 
 INDEX = "index.json"
@@ -272,7 +272,7 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} lacks {WEIGHTS}: it is incomplete, use another") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {folder}/{WEIGHTS} is corrupt ({_first_line(exc)}): use another") from None
+        raise CheckpointError(f"checkpoint {folder}/{WEIGHTS} is corrupt ({first_line(exc)}): use another") from None
 
 
 _LAYER_KEY = re.compile(r"trf_blocks\.([0-9]+)\.")
@@ -313,7 +313,7 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} lacks {WEIGHTS}: it is incomplete, use another") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {folder}/{WEIGHTS} is corrupt ({_first_line(exc)}): use another") from None
+        raise CheckpointError(f"checkpoint {folder}/{WEIGHTS} is corrupt ({first_line(exc)}): use another") from None
 
 
 def load_model(folder: Path, *, impl: str | None = None, device: str | torch.device = "cpu"):
@@ -329,7 +329,7 @@ def load_model(folder: Path, *, impl: str | None = None, device: str | torch.dev
         model.load_state_dict(load_weights(folder), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {folder} weights do not fit its model config ({_first_line(exc)}): use another"
+            f"checkpoint {folder} weights do not fit its model config ({first_line(exc)}): use another"
         ) from None
     return model.to(device).eval()
 
@@ -348,7 +348,7 @@ def load_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a gptexp training state (it holds {what}, "
                               "which gptexp never saves, and is not loaded): use another") from None
     except Exception as exc:  # torch.load raises many error types on a corrupt file
-        detail = _first_line(exc)
+        detail = first_line(exc)
         if "weights_only" in detail:
             detail = type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt ({detail}): use another") from None
@@ -379,7 +379,3 @@ def _state_problem(state: Any) -> str | None:
         return "no random generator state"
     return None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

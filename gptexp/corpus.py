@@ -67,7 +67,8 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _one_line(error: object) -> str:
+def _collapse_whitespace(error: object) -> str:
+    """The message on one line: every run of whitespace, newlines included, as one space."""
     return " ".join(str(error).split())
 
 
@@ -83,7 +84,7 @@ def load_registry(data_dir: Path | None = None) -> dict[str, RegistryEntry]:
     except FileNotFoundError:
         raise CorpusError(f"corpus registry {path} does not exist; {fix}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CorpusError(f"corpus registry {path} cannot be read ({_one_line(e)}); {fix}") from None
+        raise CorpusError(f"corpus registry {path} cannot be read ({_collapse_whitespace(e)}); {fix}") from None
     if not isinstance(raw, dict):
         raise CorpusError(f"corpus registry {path} must map corpus names to entries; {fix}")
     entries = {}
@@ -177,7 +178,7 @@ def resolve_registry_file(
         raise  # a wrong checksum already says what is wrong; the ValueError clause below must not re-wrap it
     # URLError, HTTPError and timeouts are all OSError; a truncated response is an HTTPException.
     except (OSError, http.client.HTTPException, ValueError) as e:
-        raise CorpusError(f"{offline} (download from {entry.url} failed: {_one_line(e)}{mirror_note})") from None
+        raise CorpusError(f"{offline} (download from {entry.url} failed: {_collapse_whitespace(e)}{mirror_note})") from None
     return target
 
 
@@ -241,7 +242,7 @@ def _read_bytes(path: Path, budget: int, limit: int, whole: str) -> bytes:
             if len(data) == want:
                 data += f.read(budget + 1 - len(data))
     except OSError as e:
-        raise CorpusError(f"cannot read corpus file {path}: {_one_line(e.strerror or e)}") from None
+        raise CorpusError(f"cannot read corpus file {path}: {_collapse_whitespace(e.strerror or e)}") from None
     if len(data) > budget:
         raise _too_big(whole, limit)
     return data
@@ -272,7 +273,7 @@ def _folder_files(path: Path) -> tuple[Path, ...]:
         try:
             mode = p.stat().st_mode
         except OSError as e:
-            raise CorpusError(f"cannot read corpus file {p}: {_one_line(e.strerror or e)}") from None
+            raise CorpusError(f"cannot read corpus file {p}: {_collapse_whitespace(e.strerror or e)}") from None
         if stat.S_ISDIR(mode):
             continue  # subfolders are not searched, whatever their name
         if not stat.S_ISREG(mode):

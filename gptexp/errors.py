@@ -23,3 +23,10 @@ class Terminated(BaseException):
 
 
 INTERRUPTS = (KeyboardInterrupt, Terminated)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, at most `limit` characters (its type's name when empty):
+    third-party errors (torch, safetensors, SQLAlchemy) span many lines, our messages one."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

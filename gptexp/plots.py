@@ -10,8 +10,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_losses(evals, epochs, steps_per_epoch: int):
-    """evals: EvalEvents (the book's periodic losses); epochs: EpochEvents (full-split losses)."""
+def loss_figure(evals, epochs, steps_per_epoch: int):
+    """A run's loss plot as a figure (not saved, not shown; the book's `plot_losses` is gptexp.book's).
+
+    evals: EvalEvents (the book's periodic losses); epochs: EpochEvents (full-split losses)."""
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
     if evals:
         x = [(e.global_step + 1) / steps_per_epoch for e in evals]

@@ -150,7 +150,7 @@ def _parse_expected(path: Path, raw: Any) -> tuple[tuple[ExpectedEval, ...], Exp
     return tuple(evals), sample, dict(raw.get("produced_by") or {})
 
 
-def load_spec(name_or_path: str | Path, directory: Path | None = None) -> Spec:
+def load_experiment_spec(name_or_path: str | Path, directory: Path | None = None) -> Spec:
     """The validated spec: its pins must agree with its config, its expected results must parse."""
     path = resolve_spec_path(str(name_or_path), directory)
     raw = _read_yaml_mapping(path, "experiment spec")
@@ -322,7 +322,7 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     from . import jobs
     from .tracking import get_client
 
-    spec = load_spec(name_or_path, directory)
+    spec = load_experiment_spec(name_or_path, directory)
     data = jobs.preflight(spec.config)
     check_corpus(spec, data)
     client = client or get_client()

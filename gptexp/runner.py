@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from . import interrupts
 from .config import Config
-from .errors import INTERRUPTS
+from .errors import INTERRUPTS, first_line
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
@@ -449,5 +449,5 @@ def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> LoopSt
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
         raise ckpt.CheckpointError(f"checkpoint {folder} does not fit this run's model and optimizer "
-                                   f"({ckpt._first_line(exc)}): use another") from None
+                                   f"({first_line(exc)}): use another") from None
     return LoopState.from_dict(state)  # the loop's fields sit flat beside optimizer and rng

@@ -36,7 +36,7 @@ from .sweep_trials import Context, run_workers, work
 from .tags import TAG_JOB, TAG_OPTUNA_STORAGE, TAG_STUDY
 
 
-def load_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | None = None,
+def load_sweep_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | None = None,
               study: str | None = None) -> SweepSpec:
     """Read and validate a sweep spec; the base config it names is validated too, and the sampler and
     pruner options are tried on Optuna."""
@@ -211,7 +211,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, overrides=args.overrides, n_trials=args.n_trials, study=args.study)
+    spec = load_sweep_spec(args.config, overrides=args.overrides, n_trials=args.n_trials, study=args.study)
     run_sweep(spec, storage_url=args.storage, workers=args.workers)
     return 0
 

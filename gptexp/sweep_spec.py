@@ -3,7 +3,7 @@
 `parse_spec` reads a spec file and checks it, with the base config it names, against the config
 schema; `search_definition` is what a study records of its search, so that a resumed study can
 refuse a changed one. Optuna's own check of the sampler and pruner options is made by
-`gptexp.sweep.load_spec`, after `parse_spec`.
+`gptexp.sweep.load_sweep_spec`, after `parse_spec`.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     try:
         params = {p.key: p.suggest(trial) for p in spec.space}
     except BaseException:
-        # load_spec tries the space on the sampler; should a suggestion still fail, the asked
+        # load_sweep_spec tries the space on the sampler; should a suggestion still fail, the asked
         # trial must not stay RUNNING in the storage.
         study.tell(trial, state=TrialState.FAIL)
         raise

@@ -25,7 +25,7 @@ except ImportError:  # not POSIX: there, two jobs opening a new SQLite store at 
     fcntl = None
 
 from . import interrupts
-from .errors import INTERRUPTS, GptexpError, RunFailed
+from .errors import INTERRUPTS, GptexpError, RunFailed, first_line
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
 from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORPUS_SHA256, TAG_ERROR, TAG_GIT_DIRTY,
@@ -33,6 +33,8 @@ from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORP
 from .tags import TAG_JOB as TAG_JOB  # still imported from here by bench.py
 
 DEFAULT_EXPERIMENT = "gptexp"
+# The error and stop-reason tags (and the store error) quote this much of an error's first line.
+TAG_TEXT_LIMIT = 300
 
 
 def tracking_uri() -> str:
@@ -99,7 +101,7 @@ def get_client(uri: str | None = None):
     except GptexpError:
         raise
     except Exception as exc:
-        raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({_one_line(exc)}): "
+        raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({first_line(exc, TAG_TEXT_LIMIT)}): "
                           "check MLFLOW_TRACKING_URI") from None
 
 
@@ -250,11 +252,6 @@ def get_run(client, run_id: str):
     return client.get_run(resolve_run_id(client, run_id))
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 @contextlib.contextmanager
 def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: dict | None = None,
                 parent_run_id: str | None = None, resume_run_id: str | None = None):
@@ -273,13 +270,13 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
             interrupts.check()
             yield run_id
         except StopTraining as exc:
-            _end(client, run_id, "KILLED", {TAG_STOP: _one_line(exc), TAG_STATUS: exc.status})
+            _end(client, run_id, "KILLED", {TAG_STOP: first_line(exc, TAG_TEXT_LIMIT), TAG_STATUS: exc.status})
             raise
         except INTERRUPTS:
             _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", TAG_STATUS: "interrupted"})
             raise
         except BaseException as exc:
-            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {_one_line(exc)}", TAG_STATUS: "failed"})
+            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {first_line(exc, TAG_TEXT_LIMIT)}", TAG_STATUS: "failed"})
             raise
         _end(client, run_id, "FINISHED", {TAG_STATUS: "completed"})
 
@@ -437,9 +434,9 @@ class MlflowLogger(Callback):
         self._plot()
 
     def _plot(self) -> None:
-        from .plots import plot_losses
+        from .plots import loss_figure
 
-        fig = plot_losses(self._evals, self._epochs, self._steps_per_epoch)
+        fig = loss_figure(self._evals, self._epochs, self._steps_per_epoch)
         try:
             self.client.log_figure(self.run_id, fig, "plots/loss.png")
         finally:

@@ -182,25 +182,25 @@ def test_yaml_merge_keys_may_still_be_overridden_and_tags_are_still_refused(tmp_
     ("  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, type: int}\n", "type"),  # inside space
 ])
 def test_a_sweep_spec_with_a_key_given_twice_is_refused(tmp_path, duplicate, key):
-    from gptexp.sweep import load_spec
+    from gptexp.sweep import load_sweep_spec
     from gptexp.sweep_spec import SweepError
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text(f"study: s\nbase:\n  config: {TINY}\nsampler:\n  name: tpe\nn_trials: 2\n"
                     f"space:\n  train.batch_size: {{type: categorical, choices: [4, 8]}}\n{duplicate}")
     with pytest.raises(SweepError, match=f"sweep spec {spec} has the key '{key}' twice"):
-        load_spec(spec)
+        load_sweep_spec(spec)
 
 
 def test_an_experiment_spec_with_a_key_given_twice_is_refused(tmp_path):
     from conftest import REPO
     from gptexp.errors import GptexpError
-    from gptexp.reproduce import load_spec
+    from gptexp.reproduce import load_experiment_spec
 
     spec = tmp_path / "twice.yaml"
     spec.write_text((REPO / "experiments" / "ch05-verdict.yaml").read_text() + "\nseed: 124\n")
     with pytest.raises(GptexpError, match="has the key 'seed' twice"):
-        load_spec(spec)
+        load_experiment_spec(spec)
 
 
 @pytest.mark.parametrize("args,expected", [

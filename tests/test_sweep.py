@@ -315,11 +315,11 @@ def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, mlflow
 
 
 def test_a_trial_whose_parameters_cannot_be_suggested_is_failed_not_left_running(tmp_path, corpus, mlflow_store):
-    from gptexp.sweep import load_spec, run_sweep
+    from gptexp.sweep import load_sweep_spec, run_sweep
 
-    spec = load_spec(write_spec(tmp_path, corpus, study="unsuggestable", n_trials=1,
+    spec = load_sweep_spec(write_spec(tmp_path, corpus, study="unsuggestable", n_trials=1,
                                 space={"train.batch_size": {"type": "int", "low": 2, "high": 8}}))
-    spec.space[0].step = 0.5  # load_spec refuses this; a spec built in code can still hold it
+    spec.space[0].step = 0.5  # load_sweep_spec refuses this; a spec built in code can still hold it
     storage = f"sqlite:///{tmp_path}/optuna.db"
     with pytest.raises(ValueError):
         run_sweep(spec, storage_url=storage)
@@ -333,10 +333,10 @@ def test_journal_storages_on_a_file_and_on_redis_run_a_study(tmp_path, corpus, m
     storage = f"journal://{tmp_path}/journal.log" if kind == "journal" else "redis://127.0.0.1:6379/0"
     spec = write_spec(tmp_path, corpus, study=study_name, n_trials=1)
     assert sweep(spec, storage) == 0
-    from gptexp.sweep import load_spec
+    from gptexp.sweep import load_sweep_spec
     from gptexp.sweep_study import open_storage
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage, load_spec(spec)))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage, load_sweep_spec(spec)))
     try:
         assert [t.state for t in study.trials] == [TrialState.COMPLETE]
         parents, children = mlflow_runs(MlflowClient(mlflow_store), study_name)
