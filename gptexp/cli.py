@@ -26,7 +26,6 @@ from .evaluation import evaluate_split
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .provenance import redact
 from .runner import NonFiniteLoss
-from .runtime import resolve_runtime
 from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
 from .tokenizer import get_tokenizer
 from .tracking import get_client, log_flat_params, log_metrics, resolve_run_id, run_params, tracked_run, write_failures
@@ -224,8 +223,9 @@ def _load_for_inference(args, overrides=()):
 
 def cmd_eval(args) -> int:
     model, config, folder, source = _load_for_inference(args, args.overrides)
-    data = jobs.preflight(config, training=False)
-    rt = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
+    prepared = jobs.preflight(config, training=False)
+    data, rt = prepared.data, prepared.runtime
+    rt.use_threads()
     model.to(rt.device)
     ctx, bs = config.model.context_length, config.train.eval_batch_size
     with rt.autocast():

@@ -16,11 +16,11 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
+from .data import Splits, prepare_data
 from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
-from .runtime import resolve_device, resolve_precision
-from .data import Splits, prepare_data
+from .runtime import Runtime, resolve_runtime
 from .tags import TAG_JOB
 from .tracking import (MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
                        require_writable, tracked_run, write_failures)
@@ -32,14 +32,24 @@ class TrainOutcome:
     result: RunResult
 
 
-def preflight(config: Config, data: Splits | None = None, *, training: bool = True) -> Splits:
-    """Validate what a run needs before it exists: device, precision, memory, corpus and splits."""
-    device = resolve_device(config.train.device)
-    resolve_precision(config.train.precision, device)
-    check_model_fits(config.model, device, training=training)
-    data = data or prepare_data(config)
+@dataclass(frozen=True)
+class Prepared:
+    """What a job computes with, checked before its run exists: where and how (runtime), and on what."""
+
+    runtime: Runtime
+    data: Splits
+
+
+def preflight(config: Config, *, training: bool = True) -> Prepared:
+    """Validate what a run needs before it exists: device, precision, memory, corpus and splits.
+
+    The one place a job's device and precision are resolved; the run computes with what this returns.
+    """
+    runtime = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
+    check_model_fits(config.model, runtime.device, training=training)
+    data = prepare_data(config)
     _check_start_context(config, data.tokenizer)
-    return data
+    return Prepared(runtime, data)
 
 
 def parameter_count(m: ModelConfig) -> int:
@@ -92,14 +102,17 @@ def _check_start_context(config: Config, tokenizer) -> None:
 
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
           tags: dict | None = None, parent_run_id: str | None = None, callbacks: list[Callback] = (),
-          data: Splits | None = None, client=None, console: bool = True,
+          prepared: Prepared | None = None, client=None, console: bool = True,
           on_created: Callable[[str], None] | None = None) -> TrainOutcome:
-    """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists."""
+    """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
+
+    `prepared`: `preflight(config)`'s result when the caller has it already (else it is made here).
+    """
     experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
         else config.experiment
     if run_name is not None:
         check_name("run name", run_name, MAX_RUN_NAME)
-    data = preflight(config, data)
+    prepared = preflight(config) if prepared is None else prepared
     client = client or get_client()
     tags = {TAG_JOB: "train", **(tags or {})}
     with write_failures(client), \
@@ -110,7 +123,7 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, data=data, checkpoint_dir=root)
+        result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root)
     return TrainOutcome(run_id, result)
 
 
@@ -177,11 +190,12 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
     if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
-    data = preflight(config)
+    prepared = preflight(config)
     require_writable(client, info.artifact_uri)
     with write_failures(client), tracked_run(client, "", resume_run_id=run_id):
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, data=data, checkpoint_dir=root, resume_from=folder)
+        result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root,
+                     resume_from=folder)
     return TrainOutcome(run_id, result)

@@ -323,13 +323,13 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     from .tracking import get_client
 
     spec = load_experiment_spec(name_or_path, directory)
-    data = jobs.preflight(spec.config)
-    check_corpus(spec, data)
+    prepared = jobs.preflight(spec.config)
+    check_corpus(spec, prepared.data)
     client = client or get_client()
     tick = time.perf_counter()
     outcome = jobs.train(spec.config, run_name=f"reproduce-{spec.name}",
                          tags={TAG_JOB: "reproduce", TAG_EXPERIMENT_SPEC: spec.name},
-                         data=data, client=client, callbacks=list(callbacks), console=console)
+                         prepared=prepared, client=client, callbacks=list(callbacks), console=console)
     seconds = time.perf_counter() - tick
     rows = compare(spec, outcome.result)
     result = ReproduceOutcome(spec, outcome.run_id, rows, seconds)

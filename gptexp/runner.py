@@ -27,12 +27,12 @@ import torch
 from . import checkpoint as ckpt
 from . import interrupts
 from .config import Config
+from .data import Splits
 from .errors import INTERRUPTS, first_line
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
-from .runtime import Runtime, autocast, resolve_runtime
-from .data import Splits, prepare_data
+from .runtime import Runtime, autocast
 
 
 class StopTraining(Exception):
@@ -298,11 +298,13 @@ def run(
     config: Config,
     callbacks: Iterable[Callback] = (),
     *,
-    data: Splits | None = None,
+    runtime: Runtime,
+    data: Splits,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
 ) -> RunResult:
-    """Train `config`; emit events to `callbacks`; checkpoint into `checkpoint_dir`.
+    """Train `config` on `runtime` and `data` (as jobs.preflight resolved and built them); emit events
+    to `callbacks`; checkpoint into `checkpoint_dir`.
 
     Exceptions propagate after `on_end` has told every subscriber how the run ended. A pending
     Ctrl-C/SIGTERM (gptexp.interrupts) is raised before the run starts and at each step.
@@ -310,8 +312,7 @@ def run(
     interrupts.check()
     callbacks = list(callbacks)
     t = config.train
-    runtime = resolve_runtime(t.device, t.precision, t.threads)
-    data = data or prepare_data(config)
+    runtime.use_threads()
     result = RunResult()
 
     # The book seeds before building the loaders and again before building the model; loaders

@@ -76,23 +76,23 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def set_threads(threads: int) -> int:
-    """torch intra-op threads: `threads`, or one per physical core when 0. Returns the count."""
-    n = threads or physical_cores()
-    torch.set_num_threads(n)
-    return n
-
-
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
-    threads: int
+    threads: int  # torch intra-op threads
 
     def autocast(self):
         return autocast(self.device, self.precision)
 
+    def use_threads(self) -> None:
+        """Give torch this runtime's thread count (a process-wide setting, so set where the job computes)."""
+        torch.set_num_threads(self.threads)
+
 
 def resolve_runtime(device: str, precision: str, threads: int) -> Runtime:
+    """A config's train.device, train.precision and train.threads (0: one per physical core), checked.
+
+    Sets nothing: jobs resolve once, before a run exists, and the runner applies it (use_threads)."""
     dev = resolve_device(device)
-    return Runtime(dev, resolve_precision(precision, dev), set_threads(threads))
+    return Runtime(dev, resolve_precision(precision, dev), threads or physical_cores())
