@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from . import bench, interrupts, jobs, report, reproduce, sweep
+from . import interrupts, jobs, report, reproduce, sweep
 from . import checkpoint as ckpt
+from .bench.cli import add_bench_arguments, cmd_bench
 from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
 from .evaluation import evaluate_split
@@ -281,8 +282,8 @@ COMMANDS = (
             report.cmd_report),
     Command("compare", "two runs side by side: differing params, metrics, last samples", report.add_compare_arguments,
             report.cmd_compare),
-    Command("bench", "measure gptexp against the book's implementation (JSON + MLflow)", bench.add_arguments,
-            bench.main),
+    Command("bench", "measure gptexp against the book's implementation (JSON + MLflow)", add_bench_arguments,
+            cmd_bench),
 )
 
 

@@ -7,6 +7,7 @@ read them.
 
 # What made the run: train, trial, sweep, eval, reproduce or bench.
 TAG_JOB = "gptexp.job"
+TAG_BENCH_QUICK = "gptexp.quick"  # a bench run: true for `gptexp bench --quick`
 # How the run ended: completed, failed, interrupted or a stop's own status (e.g. pruned).
 TAG_STATUS = "gptexp.status"
 TAG_ERROR = "gptexp.error"  # one line: why a FAILED run failed

@@ -30,7 +30,6 @@ from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
 from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORPUS_SHA256, TAG_ERROR, TAG_GIT_DIRTY,
                    TAG_IMPL, TAG_NUM_PARAMETERS, TAG_RESUMED_FROM_EPOCH, TAG_STATUS, TAG_STOP)
-from .tags import TAG_JOB as TAG_JOB  # still imported from here by bench.py
 
 DEFAULT_EXPERIMENT = "gptexp"
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
