@@ -27,6 +27,7 @@ from .evaluation import evaluate_split
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .provenance import redact
 from .runner import NonFiniteLoss
+from .tables import aligned
 from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
 from .tokenizer import get_tokenizer
 from .tracking import get_client, log_flat_params, log_metrics, resolve_run_id, run_params, tracked_run, write_failures
@@ -202,7 +203,7 @@ def cmd_train(args) -> int:
 
 
 def _load_for_inference(args, overrides=()):
-    """(model, config, source description) from --run/--checkpoint."""
+    """(model, config, checkpoint folder, source description) from --run/--checkpoint."""
     if args.run:
         client = get_client()
         args.run = resolve_run_id(client, args.run)  # the full id from here on (messages, tags)
@@ -233,9 +234,8 @@ def cmd_eval(args) -> int:
         rows = [("train", evaluate_split(model, data.train_ids, ctx, rt.device, bs, name="train split")),
                 ("validation", evaluate_split(model, data.val_ids, ctx, rt.device, bs, name="validation split"))]
     print(f"{source} on {data.corpus.name} ({rt.device}, {rt.precision})")
-    print(f"{'split':<12}{'loss':>10}{'ppl':>12}{'tokens':>10}")
-    for name, r in rows:
-        print(f"{name:<12}{r.loss:>10.4f}{r.ppl:>12.2f}{r.tokens:>10}")
+    print(aligned(("split", "loss", "ppl", "tokens"),
+                  [(name, f"{r.loss:.4f}", f"{r.ppl:.2f}", str(r.tokens)) for name, r in rows], right={1, 2, 3}))
     if not args.no_track:
         _track_eval(config, args, folder, data, rows)
     return 0

@@ -333,9 +333,7 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     seconds = time.perf_counter() - tick
     rows = compare(spec, outcome.result)
     result = ReproduceOutcome(spec, outcome.run_id, rows, seconds)
-    rid = outcome.run_id
-    client.set_tag(rid, TAG_JOB, "reproduce")
-    client.set_tag(rid, TAG_EXPERIMENT_SPEC, spec.name)
+    rid = outcome.run_id  # tagged job=reproduce and its spec when created; now its verdict
     client.set_tag(rid, TAG_VERDICT, result.verdict)
     client.set_tag(rid, TAG_MAX_ABS_DIFF, repr(max_diff(rows)))
     client.log_text(rid, rows_to_csv(rows), COMPARISON_ARTIFACT)
@@ -412,8 +410,10 @@ def cmd_rerun(args) -> int:
     source = client.get_run(source_id).data.metrics
     new = client.get_run(outcome.run_id).data.metrics
     print(f"run {outcome.run_id} reran {source_id}")
-    for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen"):
-        if key in source and key in new:
-            same = "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}"
-            print(f"  {key:<17} source {source[key]:.6f}  rerun {new[key]:.6f}  {same}")
+    rows = [(key, f"{source[key]:.6f}", f"{new[key]:.6f}",
+             "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}")
+            for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen")
+            if key in source and key in new]
+    if rows:
+        print(aligned(("metric", "source", "rerun", ""), rows, right={1, 2}, indent="  "))
     return 0

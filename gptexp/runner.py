@@ -133,7 +133,6 @@ class RunResult:
     status: str = "completed"
     best_val_loss: float = math.inf
     best_epoch: int = 0
-    model: GPTModel | None = None
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -349,7 +348,6 @@ def run(
     except BaseException as exc:
         _emit(callbacks, "on_end", EndEvent("failed", exc, len(result.epochs), state.global_step))
         raise
-    result.model = model
     _emit(callbacks, "on_end", EndEvent("completed", None, state.epoch, state.global_step))
     return result
 

@@ -31,7 +31,6 @@ from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent
 from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORPUS_SHA256, TAG_ERROR, TAG_GIT_DIRTY,
                    TAG_IMPL, TAG_NUM_PARAMETERS, TAG_RESUMED_FROM_EPOCH, TAG_STATUS, TAG_STOP)
 
-DEFAULT_EXPERIMENT = "gptexp"
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
 TAG_TEXT_LIMIT = 300
 

@@ -117,7 +117,7 @@ def test_reproduce_within_tolerance_passes_exit_0_and_tags_the_run(source, tmp_p
     out = capsys.readouterr().out
     assert "metric" in out and "|diff|" in out and "verdict: pass" in out
     (run,) = [r for r in runs_of(client, config.experiment) if r.data.tags.get("gptexp.experiment_spec") == "tiny-check"]
-    assert run.data.tags["gptexp.verdict"] == "pass"
+    assert run.data.tags["gptexp.verdict"] == "pass" and run.data.tags["gptexp.job"] == "reproduce"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_epochs"] == "1"  # params are the config; the tag names the spec
     rows = comparison_rows(client, run.info.run_id)

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..tables import aligned
 from .training import OPTIMIZERS
 
 RATIO_KEYS = ("train_fp32", "train_bf16", "generate_kv", "data_build_time", "data_peak_memory")
@@ -36,7 +37,9 @@ def ratios_of(r: dict) -> dict:
         ratios[f"data_peak_memory_from_ids{sfx}"] = fig["book_ids"]["peak_bytes"] / fig["ours_ids"]["peak_bytes"]
     return ratios
 
+
 def format_table(r: dict) -> str:
+    """The result as the printed table: each figure, its unit and its ratio to the book's, then the settings."""
     rows: list[tuple[str, str, str, str]] = []
     ratios = r["ratios"]
 
@@ -75,13 +78,11 @@ def format_table(r: dict) -> str:
             add(f"{label} book peak ({src})", fig[f"book_{src}"]["peak_bytes"] / 2**20, "MiB")
             add(f"{label} ours peak ({src})", fig[f"ours_{src}"]["peak_bytes"] / 2**20, "MiB",
                 ratios[f"data_peak_memory{key}"])
-    w = max(len(x[0]) for x in rows)
     env = r["env"]
     head = (f"gptexp bench ({'quick' if r['quick'] else 'full'}): torch {env['torch']}, {env['threads']} threads, "
             f"{env['cpu']} ({env['cpu_capability']}), bf16 native: {env['bf16_native']}, "
             f"load average {env.get('loadavg_1min_start')} -> {env.get('loadavg_1min_end')}")
-    lines = [head, f"{'figure':<{w}}  {'value':>10}  {'unit':<7}  vs book (>1 better)"]
-    lines += [f"{a:<{w}}  {b:>10}  {c:<7}  {d}" for a, b, c, d in rows]
+    lines = [head, aligned(("figure", "value", "unit", "vs book (>1 better)"), rows, right={1})]
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     s = r["settings"]
     lines.append(f"fastest training settings: optimizer={s['optimizer']}, threads={s['threads']}, "
