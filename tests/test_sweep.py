@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from conftest import TINY, cli_env
 from gptexp import jobs
 from gptexp.cli import main
 from gptexp.config import load_config
+from gptexp.runtime import physical_cores
 
 STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -202,7 +204,25 @@ def test_two_workers_run_every_trial_exactly_once(tmp_path, corpus, mlflow_store
     parents, children = mlflow_runs(MlflowClient(mlflow_store), "workers")
     assert len(parents) == 1 and len(children) == 4
     assert_children_tell_the_truth(study, children)
-    assert {c.data.params["train.threads"] for c in children} == {"1"}  # 2 workers x 1 thread on 2 cores
+    # The workers share the cores: each trial runs on cores // workers threads, at least one.
+    assert {c.data.params["train.threads"] for c in children} == {str(max(1, physical_cores() // 2))}
+
+
+def frozen_while_a_trial_runs(proc, db) -> bool:
+    """Freeze the sweep (SIGSTOP to its process group); True, leaving it frozen, when a trial is then
+    RUNNING with its heartbeat recorded (read from Optuna's tables), else thaw it and return False.
+    Frozen, it cannot finish that trial before the SIGKILL that follows lands."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=1)) as con:
+            (running,) = con.execute("SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                                     "WHERE t.state = 'RUNNING'").fetchone()
+        if running:
+            return True
+    except sqlite3.OperationalError:
+        pass  # frozen in the middle of a write (or the tables do not exist yet): look again
+    os.killpg(proc.pid, signal.SIGCONT)
+    return False
 
 
 def test_a_sweep_killed_mid_way_resumes_with_nothing_left_running(tmp_path, corpus, mlflow_store):
@@ -214,8 +234,9 @@ def test_a_sweep_killed_mid_way_resumes_with_nothing_left_running(tmp_path, corp
     try:
         for line in proc.stdout:  # kill the whole sweep once two trials are done and a third runs
             if line.startswith("trial 1:"):
-                time.sleep(1.5)
                 break
+        assert wait_for(lambda: frozen_while_a_trial_runs(proc, tmp_path / "optuna.db"), 300, proc), \
+            "no third trial ran"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
