@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install test clean
+.PHONY: help install test lint clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,6 +26,11 @@ install: $(STAMP) ## create .venv with the package and its dev tools (torch pinn
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check, ruff format --check and mypy on gptexp/ (settings in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy gptexp/
 
 clean: ## remove the environment, caches and build outputs (not mlruns/ or data/raw/)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache data/cache
@@ -49,7 +54,7 @@ ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)
 
-.PHONY: reproduce report
+.PHONY: reproduce report bench
 
 reproduce: $(STAMP) ## rerun the book's chapter-5 job (experiments/ch05-verdict.yaml) and check every eval point against the book
 	$(VENV)/bin/gptexp reproduce ch05-verdict
