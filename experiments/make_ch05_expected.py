@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     assert len(printed) == num_epochs and printed[-1] == sample.replace("\n", " "), (printed[-1:], sample)
 
     steps_per_epoch = len(train_loader)
+    points = zip(train_losses, val_losses, tokens_seen, strict=True)
     evals = [{"step": i * 5, "epoch": i * 5 // steps_per_epoch + 1, "train_loss": float(t), "val_loss": float(v),
-              "tokens_seen": int(n)} for i, (t, v, n) in enumerate(zip(train_losses, val_losses, tokens_seen))]
+              "tokens_seen": int(n)} for i, (t, v, n) in enumerate(points)]
     record = {
         "experiment": spec["name"],
         "produced_by": {
-            "command": "TIKTOKEN_CACHE_DIR=... GPTEXP_DATA_MIRROR=... .venv/bin/python experiments/make_ch05_expected.py",
+            "command": "TIKTOKEN_CACHE_DIR=... GPTEXP_DATA_MIRROR=... "
+                       ".venv/bin/python experiments/make_ch05_expected.py",
             "code": "llms_from_scratch.ch02.create_dataloader_v1, ch04.GPTModel, ch05.train_model_simple, "
                     "ch04.generate_text_simple",
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -85,7 +85,8 @@ class _OSErrorKeeper(io.RawIOBase):
 
     def __init__(self, path: Path):
         super().__init__()
-        self.path, self.error = path, None
+        self.path = path
+        self.error: OSError | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def writable(self) -> bool:
@@ -114,7 +115,8 @@ def _torch_save(obj: Any, path: Path) -> None:
     keeper = _OSErrorKeeper(path)
     try:
         with keeper:
-            torch.save(obj, keeper)
+            # A raw binary file is what torch.save writes to; its stubs ask for IO[bytes], which RawIOBase is.
+            torch.save(obj, cast(BinaryIO, keeper))
     except (RuntimeError, OSError):
         if keeper.error is not None:
             raise keeper.error from None
@@ -191,7 +193,8 @@ def prune(root: Path, keep: set[str]) -> list[str]:
     """Remove epoch folders not named in `keep` (and stale temp folders); returns those removed."""
     removed = []
     for child in root.iterdir() if root.is_dir() else ():
-        if child.is_dir() and (_EPOCH_DIR.fullmatch(child.name) and child.name not in keep or child.name.endswith(".tmp")):
+        unkept = _EPOCH_DIR.fullmatch(child.name) and child.name not in keep
+        if child.is_dir() and (unkept or child.name.endswith(".tmp")):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child.name)
     return removed
@@ -268,7 +271,7 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape, read from the safetensors header alone (no tensor is loaded)."""
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} lacks {WEIGHTS}: it is incomplete, use another") from None
     except (SafetensorError, OSError, ValueError) as exc:

@@ -12,14 +12,14 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import interrupts, jobs, report, reproduce, sweep
 from . import checkpoint as ckpt
+from . import interrupts, jobs, report, reproduce, sweep
 from .bench.cli import add_bench_arguments, cmd_bench
 from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
@@ -72,7 +72,8 @@ def _temperature(text: str) -> float:
 
 def _prompt(text: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError("is empty or blank: give the text to continue, e.g. --prompt 'Every effort moves you'")
+        raise argparse.ArgumentTypeError("is empty or blank: give the text to continue, "
+                                         "e.g. --prompt 'Every effort moves you'")
     return text
 
 
@@ -85,7 +86,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_ID", help="an MLflow run made by gptexp train")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint folder (or a run's checkpoints/ folder)")
-    p.add_argument("--which", choices=("last", "best"), default="last", help="with --run: which checkpoint (default last)")
+    p.add_argument("--which", choices=("last", "best"), default="last",
+                   help="with --run: which checkpoint (default last)")
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,7 +172,7 @@ def _main(argv: list[str] | None) -> int:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _one_line_warnings(default):
+def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
     """gptexp's own warnings are advice to the user: one line each, once, no source excerpt."""
     shown: set[str] = set()
 

@@ -55,7 +55,7 @@ class DuplicateKeyError(yaml.YAMLError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader (no tags beyond plain data) that refuses duplicate keys at any depth."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
@@ -193,7 +193,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _section_classes() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+    """Each section's dataclass (ModelConfig, ...), by section name."""
+    hints = typing.get_type_hints(Config)
+    return {name: cls for name, cls in hints.items() if isinstance(cls, type) and dataclasses.is_dataclass(cls)}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -222,12 +224,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer (got {value!r})")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
-        elif isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            out = float(value)
-        else:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number or isinstance(value, str) and _FLOAT_RE.match(value.strip())):
             raise ConfigError(f"{key} must be a number (got {value!r})")
+        out = float(value)
         # No key means anything by nan or inf (grad_clip's "off" is null), and they pass range checks.
         if not math.isfinite(out):
             raise ConfigError(f"{key} must be a finite number (got {value!r})")
@@ -287,7 +287,8 @@ def validate(cfg: Config) -> None:
         _check(value >= 1, f"model.{key} must be at least 1 (got {value})")
     _check(0.0 <= m.drop_rate < 1.0, f"model.drop_rate must be in [0, 1) (got {m.drop_rate})")
     _check(m.emb_dim % m.n_heads == 0,
-           f"model.emb_dim {m.emb_dim} is not divisible by model.n_heads {m.n_heads}: pick n_heads that divides emb_dim")
+           f"model.emb_dim {m.emb_dim} is not divisible by model.n_heads {m.n_heads}: "
+           "pick n_heads that divides emb_dim")
     _check(m.impl in IMPLS, f"model.impl must be one of {', '.join(IMPLS)} (got {m.impl!r})")
     _check(bool(d.source.strip()), "data.source is empty: give a registry name, a .txt file or a folder of .txt files")
     _check(0.0 < d.train_ratio < 1.0, f"data.train_ratio must be in (0, 1) (got {d.train_ratio})")
@@ -318,8 +319,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.sample.max_new_tokens <= MAX_NEW_TOKENS,
            f"sample.max_new_tokens must be from 0 to {MAX_NEW_TOKENS} (got {cfg.sample.max_new_tokens})")
     _check(bool(cfg.sample.start_context.strip()),
-           "sample.start_context is empty or blank: give the text each epoch's sample continues, e.g. 'Every effort moves you'")
-    _check(cfg.checkpoint.keep in KEEP, f"checkpoint.keep must be one of {', '.join(KEEP)} (got {cfg.checkpoint.keep!r})")
+           "sample.start_context is empty or blank: give the text each epoch's sample continues, "
+           "e.g. 'Every effort moves you'")
+    _check(cfg.checkpoint.keep in KEEP,
+           f"checkpoint.keep must be one of {', '.join(KEEP)} (got {cfg.checkpoint.keep!r})")
     check_name("experiment", cfg.experiment, MAX_EXPERIMENT_NAME)
 
 

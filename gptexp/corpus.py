@@ -178,7 +178,8 @@ def resolve_registry_file(
         raise  # a wrong checksum already says what is wrong; the ValueError clause below must not re-wrap it
     # URLError, HTTPError and timeouts are all OSError; a truncated response is an HTTPException.
     except (OSError, http.client.HTTPException, ValueError) as e:
-        raise CorpusError(f"{offline} (download from {entry.url} failed: {_collapse_whitespace(e)}{mirror_note})") from None
+        raise CorpusError(f"{offline} (download from {entry.url} failed: "
+                          f"{_collapse_whitespace(e)}{mirror_note})") from None
     return target
 
 

@@ -16,8 +16,8 @@ from .config import Config
 from .corpus import Corpus, default_data_dir, load_corpus, sha256_text
 from .datasets import GPTDatasetV1, make_loader, split_text
 from .errors import CorpusError
-from .tokenizer import get_tokenizer
 from .token_cache import cached_token_ids
+from .tokenizer import get_tokenizer
 
 
 @dataclass

@@ -82,7 +82,7 @@ class GPTDatasetV1(Dataset):
         self.target_ids = WindowTensors(self, shift=1)
 
     @classmethod
-    def from_token_ids(cls, token_ids, max_length: int, stride: int, *, name: str = "text") -> "GPTDatasetV1":
+    def from_token_ids(cls, token_ids, max_length: int, stride: int, *, name: str = "text") -> GPTDatasetV1:
         """The harness's constructor: unlike the book's one, it refuses a split too short for one window."""
         dataset = cls(None, None, max_length, stride, token_ids=token_ids)
         if len(dataset) == 0:

@@ -6,24 +6,42 @@ splits, device), so bad input never leaves a run behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
+from .config import (
+    MAX_EXPERIMENT_NAME,
+    MAX_RUN_NAME,
+    Config,
+    ConfigError,
+    ModelConfig,
+    check_name,
+    from_dict,
+    read_yaml,
+)
 from .data import Splits, prepare_data
 from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
 from .runtime import Runtime, resolve_runtime
 from .tags import TAG_JOB
-from .tracking import (MlflowLogger, checkpoint_root, get_client, get_run, local_artifact_dir,
-                       require_writable, tracked_run, write_failures)
+from .tracking import (
+    MlflowLogger,
+    checkpoint_root,
+    get_client,
+    get_run,
+    local_artifact_dir,
+    require_writable,
+    tracked_run,
+    write_failures,
+)
 
 
 @dataclass
@@ -101,7 +119,7 @@ def _check_start_context(config: Config, tokenizer) -> None:
 
 
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
-          tags: dict | None = None, parent_run_id: str | None = None, callbacks: list[Callback] = (),
+          tags: dict | None = None, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
           prepared: Prepared | None = None, client=None, console: bool = True,
           on_created: Callable[[str], None] | None = None) -> TrainOutcome:
     """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
@@ -136,7 +154,8 @@ def run_config(client, run_id: str) -> Config:
             try:
                 path = Path(client.download_artifacts(run_id, "config/config.yaml", tmp))
             except Exception:
-                raise GptexpError(f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train") from None
+                raise GptexpError(f"run {run_id} has no config/config.yaml artifact: "
+                                  "it was not made by gptexp train") from None
         try:
             # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
             return from_dict(read_yaml(path), origin=f"run {run_id} config")
@@ -150,10 +169,8 @@ def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
     if local is not None:
         return local / "checkpoints", False
     tmp = Path(tempfile.mkdtemp(prefix="gptexp-ckpt-"))
-    try:
+    with contextlib.suppress(Exception):  # a run without checkpoints: the folder stays missing, callers say so
         client.download_artifacts(run_id, "checkpoints", str(tmp))
-    except Exception:
-        pass
     return tmp / "checkpoints", True
 
 
@@ -171,7 +188,7 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
     return folder
 
 
-def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console: bool = True) -> TrainOutcome:
+def resume(run_id: str, *, client=None, callbacks: Sequence[Callback] = (), console: bool = True) -> TrainOutcome:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
     client = client or get_client()
     info = get_run(client, run_id).info

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -139,6 +140,8 @@ class FeedForward(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
+    mask: torch.Tensor  # the registered buffer below (nn.Module's attribute lookup does not say so)
+
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, impl="book"):
         super().__init__()
         if d_out % num_heads:
@@ -281,11 +284,8 @@ class GPTModel(nn.Module):
             raise ValueError(f"{start + n} positions exceed context_length {self.pos_emb.num_embeddings}")
         pos = torch.arange(start, start + n, device=in_idx.device)
         x = self.tok_emb(in_idx) + self.pos_emb(pos)
-        if self.impl == "fast":
-            # The submodule's flag, not self.training: compile_blocks' view shares its submodules only.
-            x = fast_dropout(x, self.drop_emb.p, self.drop_emb.training)
-        else:
-            x = self.drop_emb(x)
+        # fast: the submodule's flag, not self.training, as compile_blocks' view shares its submodules only.
+        x = fast_dropout(x, self.drop_emb.p, self.drop_emb.training) if self.impl == "fast" else self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             # Without a cache the layer index is unused; not passing it keeps the blocks' calls
             # identical, so a compiled block is not re-specialised per layer.
@@ -334,5 +334,7 @@ def compile_blocks(model: GPTModel, **compile_kwargs) -> GPTModel:
     """
     view = copy.copy(model)
     view._modules = dict(model._modules)  # copy.copy would share the dict, and so the swap below
-    view._modules["trf_blocks"] = nn.Sequential(*(torch.compile(b, **compile_kwargs) for b in model.trf_blocks))
+    # torch.compile of a module returns a module (OptimizedModule); its stubs say only "callable".
+    blocks = (cast(nn.Module, torch.compile(b, **compile_kwargs)) for b in model.trf_blocks)
+    view._modules["trf_blocks"] = nn.Sequential(*blocks)
     return view

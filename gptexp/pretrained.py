@@ -63,7 +63,7 @@ def gpt2_state_dict_from_hf(hf: Mapping[str, torch.Tensor], n_layers: int) -> di
         if key not in left:
             raise GptexpError(f"missing key {key!r}: not a complete GPT-2 checkpoint")
         t = left.pop(key)
-        if t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        if t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=True)):
             want = tuple("*" if s is None else s for s in shape)
             raise GptexpError(f"key {key!r} has shape {tuple(t.shape)}, expected {want}")
         return t
@@ -76,7 +76,7 @@ def gpt2_state_dict_from_hf(hf: Mapping[str, torch.Tensor], n_layers: int) -> di
         # HF's Conv1D stores (in, out); nn.Linear wants (out, in).
         qkv_w = take(h + "attn.c_attn.weight", (d, 3 * d)).t()
         qkv_b = take(h + "attn.c_attn.bias", (3 * d,))
-        for name, w, bias in zip(("W_query", "W_key", "W_value"), qkv_w.split(d), qkv_b.split(d)):
+        for name, w, bias in zip(("W_query", "W_key", "W_value"), qkv_w.split(d), qkv_b.split(d), strict=True):
             sd[f"{b}att.{name}.weight"], sd[f"{b}att.{name}.bias"] = w, bias
         sd[b + "att.out_proj.weight"] = take(h + "attn.c_proj.weight", (d, d)).t()
         sd[b + "att.out_proj.bias"] = take(h + "attn.c_proj.bias", (d,))
@@ -142,7 +142,7 @@ def gpt2_config_from_safetensors(
     p = _file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError) as e:
         raise _unreadable(p, e) from None
     return _config(shapes, p, n_heads, impl, drop_rate)

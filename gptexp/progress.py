@@ -14,7 +14,7 @@ class ConsoleProgress(Callback):
         self.stream = stream or sys.stderr
         # Bars only on a terminal: logs of CI and sweeps stay one line per event.
         self.bars = self.stream.isatty() if bars is None else bars
-        self.bar = None
+        self.bar: tqdm | None = None
         self.steps_per_epoch = 0
         self.num_epochs = 0
 
@@ -28,7 +28,7 @@ class ConsoleProgress(Callback):
         self.steps_per_epoch = len(event.data.train_loader)
         self.num_epochs = event.config.train.num_epochs
         rt = event.runtime
-        what = "resuming after epoch %d" % event.start_epoch if event.resumed else "training"
+        what = f"resuming after epoch {event.start_epoch:d}" if event.resumed else "training"
         self._write(f"{what}: {event.model.num_parameters():,} parameters, impl {event.config.model.impl}, "
                     f"{rt.device} {rt.precision}, {rt.threads} threads, {self.steps_per_epoch} steps/epoch")
 

@@ -12,8 +12,18 @@ from pathlib import Path
 
 import torch
 
-from .tags import (TAG_COMMAND, TAG_CPU, TAG_CUDA_VERSION, TAG_DEVICE, TAG_GPU, TAG_PLATFORM, TAG_PRECISION,
-                   TAG_PYTHON_VERSION, TAG_THREADS, TAG_TORCH_VERSION)
+from .tags import (
+    TAG_COMMAND,
+    TAG_CPU,
+    TAG_CUDA_VERSION,
+    TAG_DEVICE,
+    TAG_GPU,
+    TAG_PLATFORM,
+    TAG_PRECISION,
+    TAG_PYTHON_VERSION,
+    TAG_THREADS,
+    TAG_TORCH_VERSION,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # The start of a URL: a scheme that is not the tail of a longer word (so `--storage=postgresql://`

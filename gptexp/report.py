@@ -13,15 +13,31 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import GptexpError
 from .provenance import redact
-from .tags import (MLFLOW_GIT_COMMIT, TAG_CORPUS_SHA256, TAG_CPU, TAG_DEVICE, TAG_GIT_DIRTY, TAG_GPU, TAG_IMPL, TAG_JOB,
-                   TAG_OPTUNA_STATE, TAG_PRECISION, TAG_PYTHON_VERSION, TAG_STUDY, TAG_THREADS, TAG_TORCH_VERSION,
-                   TAG_TRIAL)
 from .tables import aligned
+from .tags import (
+    MLFLOW_GIT_COMMIT,
+    TAG_CORPUS_SHA256,
+    TAG_CPU,
+    TAG_DEVICE,
+    TAG_GIT_DIRTY,
+    TAG_GPU,
+    TAG_IMPL,
+    TAG_JOB,
+    TAG_OPTUNA_STATE,
+    TAG_PRECISION,
+    TAG_PYTHON_VERSION,
+    TAG_STUDY,
+    TAG_THREADS,
+    TAG_TORCH_VERSION,
+    TAG_TRIAL,
+)
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
@@ -105,7 +121,7 @@ def experiment_runs(client, name: str) -> list:
 @dataclass
 class Report:
     title: str
-    frame: object  # pandas.DataFrame
+    frame: Any  # a pandas.DataFrame (pandas is imported when a report is built)
     metric: str
     kind: str  # "experiment" | "study"
     name: str
@@ -201,16 +217,16 @@ def build_report(client, *, experiment: str | None = None, study: str | None = N
         study = latest_study(client)
         if study is None:
             experiment = latest_experiment(client)
-        if study is None and experiment is None:
-            raise GptexpError(f"nothing to report yet: the MLflow store {redact(client.tracking_uri)} holds no runs; "
-                              "make some with `gptexp train --config configs/tiny.yaml` or `make sweep` "
-                              "(or point MLFLOW_TRACKING_URI at the store that holds them)")
     if study is not None:
         runs = study_runs(client, study)
         frame = runs_frame(client, runs, metric, study=True)
         states = frame["state"].value_counts().to_dict() if len(frame) else {}
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
         return Report(f"study {study}: {len(frame)} trials ({counts}), by {metric}", frame, metric, "study", study)
+    if experiment is None:
+        raise GptexpError(f"nothing to report yet: the MLflow store {redact(client.tracking_uri)} holds no runs; "
+                          "make some with `gptexp train --config configs/tiny.yaml` or `make sweep` "
+                          "(or point MLFLOW_TRACKING_URI at the store that holds them)")
     runs = experiment_runs(client, experiment)
     frame = runs_frame(client, runs, metric)
     return Report(f"experiment {experiment}: {len(frame)} runs, by {metric}", frame, metric, "experiment", experiment)
@@ -335,7 +351,7 @@ def last_sample(client, run) -> tuple[int, str] | None:
     cols, data = table.get("columns", []), table.get("data", [])
     if not data or "completion" not in cols:
         return None
-    rows = [dict(zip(cols, row)) for row in data]
+    rows = [dict(zip(cols, row, strict=False)) for row in data]  # a short row: its missing cells stay unset
     last = max(rows, key=lambda r: (r.get("epoch") or 0))
     return int(last.get("epoch") or 0), f"{last.get('prompt') or ''}{last.get('completion') or ''}"
 
@@ -383,7 +399,7 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
     return "\n".join(out)
 
 
-def _plain_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+def _plain_table(header: list[str], rows: list[list[str]], right: Iterable[int] = ()) -> str:
     return aligned(header, [[str(c).replace("\n", "\\n") for c in r] for r in rows], right, indent="  ")
 
 

@@ -156,7 +156,8 @@ def load_experiment_spec(name_or_path: str | Path, directory: Path | None = None
     raw = _read_yaml_mapping(path, "experiment spec")
     unknown = set(raw) - _SPEC_KEYS
     if unknown:
-        raise _spec_error(path, f"unknown key(s) {', '.join(sorted(unknown))}: a spec takes {', '.join(sorted(_SPEC_KEYS))}")
+        raise _spec_error(path, f"unknown key(s) {', '.join(sorted(unknown))}: "
+                                f"a spec takes {', '.join(sorted(_SPEC_KEYS))}")
     missing = [k for k in ("config", "seed", "corpus", "impl", "precision", "device") if k not in raw]
     if missing:
         raise _spec_error(path, f"missing {', '.join(missing)}: a spec pins the config, seed, corpus, impl, "
@@ -383,11 +384,11 @@ def cmd_reproduce(args) -> int:
     print(f"experiment {spec.name} ({spec.path}) - run {out.run_id}")
     if spec.produced_by:
         by = spec.produced_by
-        print("expected from: " + ", ".join(f"{k} {by[k]}" for k in ("llms_from_scratch", "torch", "python", "cpu", "date")
-                                             if k in by))
+        keys = ("llms_from_scratch", "torch", "python", "cpu", "date")
+        print("expected from: " + ", ".join(f"{k} {by[k]}" for k in keys if k in by))
     print(format_rows(out.rows))
     for r in out.rows:
-        if r.metric == "sample":
+        if r.metric == "sample" and spec.sample is not None:
             if r.ok:
                 print(f"sample after epoch {spec.sample.epoch} (equal): {r.got!r}")
             else:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -151,7 +152,7 @@ def lr_at(step: int, total_steps: int, cfg) -> float:
 
 def make_optimizer(model: torch.nn.Module, config: Config, runtime: Runtime) -> torch.optim.Optimizer:
     """The book's AdamW (every parameter decayed); fused kernels where asked and supported."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if config.train.fused_adamw and runtime.device.type in ("cpu", "cuda"):
         kwargs["fused"] = True
     return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .sweep_trials import Context, run_workers, work
 from .tags import TAG_JOB, TAG_OPTUNA_STORAGE, TAG_STUDY
 
 
-def load_sweep_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | None = None,
+def load_sweep_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None,
               study: str | None = None) -> SweepSpec:
     """Read and validate a sweep spec; the base config it names is validated too, and the sampler and
     pruner options are tried on Optuna."""
@@ -116,8 +117,9 @@ def _log_plots(client, parent: str, study) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    plots = {"optimization_history": ovm.plot_optimization_history, "param_importances": ovm.plot_param_importances,
-             "parallel_coordinate": ovm.plot_parallel_coordinate, "intermediate_values": ovm.plot_intermediate_values}
+    plots: dict[str, Callable[..., Any]] = {
+        "optimization_history": ovm.plot_optimization_history, "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate, "intermediate_values": ovm.plot_intermediate_values}
     for name, fn in plots.items():
         try:
             with warnings.catch_warnings():

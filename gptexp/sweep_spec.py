@@ -13,9 +13,10 @@ import copy
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from .config import Config, ConfigError, apply_overrides, config_keys, flatten, from_dict, read_yaml, set_dotted
 from .errors import GptexpError
@@ -30,6 +31,8 @@ SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "categorical")
 SEARCH_ATTR = "gptexp.search"  # the study user attr that records what the study searches
+Direction = Literal["minimize", "maximize"]  # Optuna's names
+DIRECTIONS = get_args(Direction)
 
 
 class SweepError(GptexpError):
@@ -46,42 +49,58 @@ class Param:
     step: float | None = None
     choices: list | None = None
 
+    def options(self) -> list:
+        """A categorical's choices."""
+        if self.choices is None:
+            raise SweepError(f"space.{self.key}: a categorical needs choices")
+        return self.choices
+
+    def bounds(self) -> tuple[float, float]:
+        """An int or float range's (low, high)."""
+        if self.low is None or self.high is None:
+            raise SweepError(f"space.{self.key}: an {self.type} range needs low and high")
+        return self.low, self.high
+
     def suggest(self, trial):
         if self.type == "categorical":
-            return trial.suggest_categorical(self.key, self.choices)
+            return trial.suggest_categorical(self.key, self.options())
+        low, high = self.bounds()
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
 
     def grid_values(self) -> list:
         if self.type == "categorical":
-            return list(self.choices)
+            return list(self.options())
         if self.step is None and self.type == "float":
             raise SweepError(f"space.{self.key}: the grid sampler needs choices or a step for a float range")
+        low, high = self.bounds()
         step = self.step or 1
-        n = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
-        values = [self.low + i * step for i in range(n)]
+        n = int(math.floor((high - low) / step + 1e-9)) + 1
+        values = [low + i * step for i in range(n)]
         return [int(v) for v in values] if self.type == "int" else values
 
     def edges(self) -> list:
         """The values a trial can reach at the ends of the range (every value of a categorical)."""
         if self.type == "categorical":
-            return list(self.choices)
+            return list(self.options())
+        low, high = self.bounds()
         if self.type == "float":
-            return [self.low, self.high]
+            return [low, high]
         step = int(self.step or 1)
-        return [int(self.low), int(self.low) + (int(self.high) - int(self.low)) // step * step]
+        return [int(low), int(low) + (int(high) - int(low)) // step * step]
 
     def fixed(self, value: Any) -> Any:
         """An enqueued value as this parameter takes it, or SweepError when the space does not hold it."""
         where = f"enqueue point {self.key}={value!r}"
         if self.type == "categorical":
-            _need(any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices),
+            _need(any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.options()),
                   f"{where} is not one of space.{self.key}.choices")
             return value
         number = _number(where, value)
         _need(self.type == "float" or number == int(number), f"{where} must be an integer")
-        _need(self.low <= number <= self.high, f"{where} is outside space.{self.key} [{self.low:g}, {self.high:g}]")
+        low, high = self.bounds()
+        _need(low <= number <= high, f"{where} is outside space.{self.key} [{low:g}, {high:g}]")
         return int(number) if self.type == "int" else number
 
 
@@ -91,13 +110,13 @@ class SweepSpec:
     base_config: str | None
     base_overrides: dict[str, Any]
     objective: str
-    direction: str
+    direction: Direction
     reduce: str  # best | last epoch's value
     sampler: dict
     pruner: dict
     n_trials: int
     space: list[Param]
-    experiment: str | None
+    experiment: str  # the spec's, else its base config's
     heartbeat_interval: int
     heartbeat_grace: int
     max_failures: int
@@ -175,7 +194,7 @@ def _parse_param(key: str, body: Any, valid_keys: set[str]) -> Param:
     return Param(key, kind, low, high, log, step)
 
 
-def parse_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | None = None,
+def parse_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None,
                study: str | None = None) -> SweepSpec:
     """Read and validate a sweep spec; the base config it names is validated too."""
     path = Path(path)
@@ -186,7 +205,8 @@ def parse_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | N
     allowed = {"study", "experiment", "base", "objective", "sampler", "pruner", "n_trials", "space", "heartbeat",
                "max_failures", "enqueue"}
     unknown = set(raw) - allowed
-    _need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))} in sweep spec {path}: it takes {', '.join(sorted(allowed))}")
+    _need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))} in sweep spec {path}: "
+                       f"it takes {', '.join(sorted(allowed))}")
 
     base = raw.get("base") or {}
     _need(isinstance(base, dict) and set(base) <= {"config", "overrides"},
@@ -199,7 +219,8 @@ def parse_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | N
         # A preset path is relative to the spec file or, failing that, to the working directory.
         if not candidate.is_absolute() and (path.parent / candidate).is_file():
             candidate = path.parent / candidate
-        _need(candidate.is_file(), f"sweep spec base.config {base_config} does not exist: give a preset path, e.g. configs/tiny.yaml")
+        _need(candidate.is_file(), f"sweep spec base.config {base_config} does not exist: "
+                                   "give a preset path, e.g. configs/tiny.yaml")
         base_config = str(candidate)
     base_overrides = base.get("overrides") or {}
     _need(isinstance(base_overrides, dict) and all(isinstance(k, str) for k in base_overrides),
@@ -213,7 +234,8 @@ def parse_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | N
     pruner = _parse_choice(raw.get("pruner"), "pruner", PRUNERS, "median")
 
     space_raw = raw.get("space") or {}
-    _need(isinstance(space_raw, dict) and space_raw, "sweep spec has no space: give at least one config key to search")
+    _need(isinstance(space_raw, dict) and bool(space_raw),
+          "sweep spec has no space: give at least one config key to search")
     valid = set(config_keys())
     space = [_parse_param(k, v, valid) for k, v in space_raw.items()]
 
@@ -235,6 +257,8 @@ def parse_spec(path: str | Path, *, overrides: list[str] = (), n_trials: int | N
     experiment = raw.get("experiment")
     if experiment is not None:
         experiment = from_dict({"experiment": experiment}, origin=f"sweep spec {path}").experiment
+    else:
+        experiment = ""  # the base config's, below
     spec = SweepSpec(
         study=str(name), base_config=base_config, base_overrides=dict(base_overrides), objective=metric,
         direction=direction, reduce=reduce, sampler=sampler, pruner=pruner, n_trials=trials, space=space,
@@ -261,7 +285,8 @@ def _check_space(spec: SweepSpec, base_raw: dict) -> None:
     searched = {p.key for p in spec.space}
     for p in spec.space:
         for value in p.edges():
-            _check_point(base_raw, {p.key: value}, searched, f"space.{p.key} reaches {value!r}, which the config refuses")
+            _check_point(base_raw, {p.key: value}, searched,
+                         f"space.{p.key} reaches {value!r}, which the config refuses")
     for point in spec.enqueue:
         _check_point(base_raw, point, searched, f"enqueue point {format_params(point)} is refused by the config")
 
@@ -285,7 +310,7 @@ def _positive_int(where: str, value: Any) -> int:
     return value
 
 
-def _parse_objective(objective: Any) -> tuple[str, str, str]:
+def _parse_objective(objective: Any) -> tuple[str, Direction, str]:
     objective = objective or {}
     if isinstance(objective, str):
         objective = {"metric": objective}
@@ -298,10 +323,10 @@ def _parse_objective(objective: Any) -> tuple[str, str, str]:
     _need(isinstance(metric, str) and metric in OBJECTIVES,
           f"objective.metric must be one of {', '.join(OBJECTIVES)} (got {metric!r})")
     direction = objective.get("direction", OBJECTIVES[metric][1])
-    _need(direction in ("minimize", "maximize"), f"objective.direction must be minimize or maximize (got {direction!r})")
+    _need(direction in DIRECTIONS, f"objective.direction must be minimize or maximize (got {direction!r})")
     reduce = objective.get("reduce", "best")
     _need(reduce in ("best", "last"), f"objective.reduce must be best or last (got {reduce!r})")
-    return metric, direction, reduce
+    return metric, cast(Direction, direction), reduce
 
 
 def _parse_choice(value: Any, what: str, names: tuple[str, ...], default: str) -> dict:
@@ -330,7 +355,10 @@ def format_params(params: dict) -> str:
 
 
 def any_value(p: Param):
-    return p.choices[0] if p.type == "categorical" else (int(p.low) if p.type == "int" else p.low)
+    if p.type == "categorical":
+        return p.options()[0]
+    low, _ = p.bounds()
+    return int(low) if p.type == "int" else low
 
 
 

@@ -18,13 +18,14 @@ def default_storage() -> str:
 def open_storage(url: str, spec: SweepSpec):
     """An Optuna storage for `url`: an RDB URL (sqlite, postgresql, mysql), journal:///path or redis://."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     try:
         if url.startswith("journal://"):
             path = url[len("journal://"):]
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
         if url.startswith(("redis://", "rediss://")):
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalRedisBackend(url))
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
         engine_kwargs = {}
         if url.startswith("sqlite"):
             # Workers wait for each other's writes rather than failing with "database is locked".
@@ -140,5 +141,6 @@ def try_sampler_and_pruner(spec: SweepSpec, num_epochs: int) -> None:
                 p.suggest(trial)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SweepError(f"sampler {spec.sampler['name']} fails on this space ({text}): check its options in the spec") from None
+        raise SweepError(f"sampler {spec.sampler['name']} fails on this space ({text}): "
+                         "check its options in the spec") from None
 

@@ -17,9 +17,24 @@ from .provenance import redact
 from .runner import Callback, EpochEvent, StopTraining
 from .sweep_spec import OBJECTIVES, SweepError, SweepSpec, any_value, format_params
 from .sweep_study import make_pruner, make_sampler, open_storage, quiet_optuna, sampler_seed
-from .tags import (MLFLOW_PARENT_RUN_ID, TAG_BEST_PREFIX, TAG_BEST_RUN_ID, TAG_BEST_TRIAL, TAG_ERROR, TAG_JOB,
-                   TAG_OPTUNA_STATE, TAG_OPTUNA_STUDY_NAME, TAG_OPTUNA_TRIAL_NUMBER, TAG_OPTUNA_VALUE,
-                   TAG_RETRY_OF_TRIAL, TAG_SAMPLER_SEED, TAG_STATUS, TAG_STOP, TAG_STUDY, TAG_TRIAL)
+from .tags import (
+    MLFLOW_PARENT_RUN_ID,
+    TAG_BEST_PREFIX,
+    TAG_BEST_RUN_ID,
+    TAG_BEST_TRIAL,
+    TAG_ERROR,
+    TAG_JOB,
+    TAG_OPTUNA_STATE,
+    TAG_OPTUNA_STUDY_NAME,
+    TAG_OPTUNA_TRIAL_NUMBER,
+    TAG_OPTUNA_VALUE,
+    TAG_RETRY_OF_TRIAL,
+    TAG_SAMPLER_SEED,
+    TAG_STATUS,
+    TAG_STOP,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 
 
 class PruneOnEpoch(Callback):
@@ -113,8 +128,9 @@ def run_trial(ctx: Context, study, trial, client) -> str:
         try:
             config = spec.trial_config(params, ctx.threads)
             outcome = jobs.train(config, experiment=spec.experiment, run_name=f"{spec.study}-trial-{trial.number}",
-                                 tags=tags, parent_run_id=ctx.parent_run_id, callbacks=[PruneOnEpoch(trial, spec.objective)],
-                                 client=client, console=False, on_created=created)
+                                 tags=tags, parent_run_id=ctx.parent_run_id,
+                                 callbacks=[PruneOnEpoch(trial, spec.objective)], client=client, console=False,
+                                 on_created=created)
             value = _objective_value(spec, outcome.result.epochs)
             state = "COMPLETE"
         except StopTraining as exc:
@@ -139,7 +155,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     result = {"COMPLETE": f"{spec.objective} {value:.4f}" if value is not None else "",
               "PRUNED": note, "FAIL": f"failed: {note}"}[state]
     print(f"trial {trial.number}: {format_params(params)} -> {redact(result)} ({seconds:.1f} s)", flush=True)
-    if state == "COMPLETE":
+    if state == "COMPLETE" and value is not None:
         _log_best(ctx, study, trial.number, value, params, run_ids[0] if run_ids else None, client)
     return state
 

@@ -13,5 +13,5 @@ def aligned(header: Sequence[str], rows: Iterable[Sequence[str]], right: Iterabl
     right = set(right)
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     return "\n".join((indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                                         for i, (c, w) in enumerate(zip(cells, widths)))).rstrip()
+                                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))).rstrip()
                      for cells in (header, *rows))

@@ -58,7 +58,7 @@ def cached_token_ids(text: str, tokenizer, cache_dir: Path | None, text_sha256: 
         ids, problem = _read(path, dtype, sha)
         if ids is not None:
             return ids
-        warnings.warn(f"token cache {path} {problem}; re-encoded the text and rewrote it")
+        warnings.warn(f"token cache {path} {problem}; re-encoded the text and rewrote it", stacklevel=2)
     ids = encode(text, tokenizer).astype(dtype, copy=False)
     _write(path, ids, sha)
     return ids
@@ -72,7 +72,7 @@ def _digest(ids: np.ndarray) -> bytes:
     digest = hashlib.blake2b(digest_size=32)
     step = max(1, _DIGEST_BLOCK // ids.itemsize)
     for start in range(0, len(ids), step):
-        digest.update(ids[start:start + step])
+        digest.update(ids[start:start + step].data)
     return digest.digest()
 
 
@@ -112,6 +112,7 @@ def _read(path: Path, dtype: np.dtype, text_sha256: str) -> tuple[np.ndarray | N
             if size != expected:
                 state = "truncated" if size < expected else "too long"
                 return None, f"is {state} ({size:,} bytes where its header says {expected:,} for {count:,} tokens)"
+            ids: np.ndarray
             if size >= MMAP_BYTES:
                 ids = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
             else:

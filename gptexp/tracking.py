@@ -22,14 +22,25 @@ from urllib.parse import unquote, urlparse
 try:
     import fcntl
 except ImportError:  # not POSIX: there, two jobs opening a new SQLite store at once can still race
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module where it exists, None where it does not
 
 from . import interrupts
 from .errors import INTERRUPTS, GptexpError, RunFailed, first_line
 from .provenance import environment_tags, git_state, pip_freeze, redact
 from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent, StopTraining
-from .tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, TAG_CORPUS, TAG_CORPUS_SHA256, TAG_ERROR, TAG_GIT_DIRTY,
-                   TAG_IMPL, TAG_NUM_PARAMETERS, TAG_RESUMED_FROM_EPOCH, TAG_STATUS, TAG_STOP)
+from .tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    TAG_CORPUS,
+    TAG_CORPUS_SHA256,
+    TAG_ERROR,
+    TAG_GIT_DIRTY,
+    TAG_IMPL,
+    TAG_NUM_PARAMETERS,
+    TAG_RESUMED_FROM_EPOCH,
+    TAG_STATUS,
+    TAG_STOP,
+)
 
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
 TAG_TEXT_LIMIT = 300
@@ -166,7 +177,8 @@ def write_failures(client):
         if problem is None:
             raise
         raise RunFailed(f"{problem} writing the MLflow store {redact(client.tracking_uri)} (the run may be left "
-                        "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI elsewhere") from None
+                        "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI "
+                        "elsewhere") from None
 
 
 def _slug(name: str) -> str:
@@ -274,7 +286,8 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
             _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", TAG_STATUS: "interrupted"})
             raise
         except BaseException as exc:
-            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {first_line(exc, TAG_TEXT_LIMIT)}", TAG_STATUS: "failed"})
+            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {first_line(exc, TAG_TEXT_LIMIT)}",
+                                            TAG_STATUS: "failed"})
             raise
         _end(client, run_id, "FINISHED", {TAG_STATUS: "completed"})
 

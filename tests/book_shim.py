@@ -60,7 +60,8 @@ def _module(name: str, objects: dict) -> types.ModuleType:
 
 def install() -> None:
     modules = {"llms_from_scratch": {}, "llms_from_scratch.kv_cache": {}}
-    modules.update({f"llms_from_scratch.{m}": {n: getattr(gptexp, n) for n in names} for m, names in BOOK_NAMES.items()})
+    modules.update({f"llms_from_scratch.{m}": {n: getattr(gptexp, n) for n in names}
+                    for m, names in BOOK_NAMES.items()})
     modules["llms_from_scratch.kv_cache.gpt2"] = {"GPTModel": KVCacheGPTModel}
     modules["llms_from_scratch.kv_cache.generate"] = {"generate_text_simple": kv_generate_text_simple}
     for name, objects in modules.items():

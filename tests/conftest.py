@@ -57,9 +57,9 @@ def verdict_text(verdict_path) -> str:
 @pytest.fixture(scope="session")
 def book():
     """The book's package (llms-from-scratch), our reference implementation."""
+    import llms_from_scratch.ch02 as ch02
     import llms_from_scratch.ch04 as ch04
     import llms_from_scratch.ch05 as ch05
-    import llms_from_scratch.ch02 as ch02
 
     class Book:
         GPTModel = ch04.GPTModel

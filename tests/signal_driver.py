@@ -14,6 +14,7 @@ Runs in one process, so each costs no interpreter start-up.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -95,10 +96,8 @@ def one_run(mode: str, rng: random.Random, number: int, train_args: list[str]) -
     except BaseException as exc:  # an interrupt that escaped main: the process would die of it
         returned = f"raised {type(exc).__name__}"
     while sender is not None and sender.is_alive():
-        try:
+        with contextlib.suppress(INTERRUPTS):  # a signal after main returned: the process would have exited by then
             sender.join()
-        except INTERRUPTS:
-            pass  # a signal after main returned: the process would have exited by then
     gc.callbacks.remove(training)
     if mode == "gc":
         log["sent"] = int(training.sent)

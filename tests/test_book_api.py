@@ -18,6 +18,7 @@ import torch
 import gptexp
 from gptexp.config import ConfigError
 from gptexp.errors import CorpusError
+
 from conftest import REPO, SMALL_CFG, cli_env
 
 # The book's test files that gptexp's names cover today; ch05's and appendix D's need
@@ -118,7 +119,7 @@ def test_input_ids_and_target_ids_are_the_books_per_window_tensors(book, tokeniz
         for i in (0, 1, len(ours) - 1, -1):
             assert mine[i].dtype == book_ids[i].dtype == torch.int64
             assert torch.equal(mine[i], book_ids[i]), i
-        assert all(torch.equal(a, b) for a, b in zip(mine[2:5], book_ids[2:5]))
+        assert all(torch.equal(a, b) for a, b in zip(mine[2:5], book_ids[2:5], strict=True))
         assert sum(1 for _ in mine) == len(book_ids)
     assert ours.token_ids.nbytes == 2 * 5145  # still one flat array, nothing stored per window
 

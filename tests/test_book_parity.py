@@ -10,6 +10,7 @@ import torch
 import gptexp
 from gptexp import GPT_CONFIG_124M, GPTModel
 from gptexp.model import compile_blocks
+
 from conftest import SMALL_CFG
 
 CFG_124M = dict(GPT_CONFIG_124M)  # context 256, drop 0.1, no qkv bias: the book's chapter-5 model
@@ -116,7 +117,7 @@ def test_book_impl_training_with_dropout_gives_the_books_losses_exactly(book, ve
     ours, om = _train_steps(GPTModel, gptexp.create_dataloader_v1, gptexp.calc_loss_batch, text)
     theirs, tm = _train_steps(book.GPTModel, book.create_dataloader_v1, book.calc_loss_batch, text)
     assert ours == theirs  # bit for bit, dropout masks included
-    for (k, a), b in zip(om.state_dict().items(), tm.state_dict().values()):
+    for (k, a), b in zip(om.state_dict().items(), tm.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 

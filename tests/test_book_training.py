@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gptexp
+
 from conftest import SMALL_CFG
 
 START = "Every effort moves you"

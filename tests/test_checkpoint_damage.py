@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -22,13 +22,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY
 from gptexp import checkpoint as ckpt
 from gptexp import jobs
 from gptexp.cli import main
 from gptexp.config import load_config
 from gptexp.runner import Callback, EpochEvent, EvalEvent, StopTraining
 from gptexp.tracking import MlflowLogger, experiment_id, local_artifact_dir
+
+from conftest import TINY
 
 SOURCE_EXPERIMENT = "damage-source"
 STEPS_PER_EPOCH = 9  # the tiny preset on the-verdict: 9 batches of 8 x 64 tokens

@@ -8,8 +8,9 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, cli_env
 from gptexp.cli import main
+
+from conftest import TINY, cli_env
 
 
 def bad_config(tmp_path, text: str) -> str:
@@ -29,7 +30,8 @@ CASES = {
     "dropout >= 1": (["--set", "model.drop_rate=1.0"], "model.drop_rate must be in [0, 1)"),
     "dropout < 0": (["--set", "model.drop_rate=-0.1"], "model.drop_rate must be in [0, 1)"),
     "emb_dim % n_heads": (["--set", "model.n_heads=3"], "not divisible by model.n_heads 3"),
-    "split too short": (["--set", "model.context_length=2000"], "validation split of the-verdict has 534 tokens; context_length 2000 needs at least 2001"),
+    "split too short": (["--set", "model.context_length=2000"],
+                        "validation split of the-verdict has 534 tokens; context_length 2000 needs at least 2001"),
     "unknown precision": (["--set", "train.precision=fp8"], "train.precision must be one of"),
     "missing corpus": (["--set", "data.source=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     "bad --set": (["--set", "train.lr"], "is not KEY=VALUE"),
@@ -193,9 +195,10 @@ def test_a_sweep_spec_with_a_key_given_twice_is_refused(tmp_path, duplicate, key
 
 
 def test_an_experiment_spec_with_a_key_given_twice_is_refused(tmp_path):
-    from conftest import REPO
     from gptexp.errors import GptexpError
     from gptexp.reproduce import load_experiment_spec
+
+    from conftest import REPO
 
     spec = tmp_path / "twice.yaml"
     spec.write_text((REPO / "experiments" / "ch05-verdict.yaml").read_text() + "\nseed: 124\n")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, cli_env
 from gptexp.corpus import (
     DOC_SEPARATOR,
     Corpus,
@@ -28,6 +27,8 @@ from gptexp.corpus import (
     sha256_text,
 )
 from gptexp.errors import CorpusError
+
+from conftest import TINY, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"

@@ -11,12 +11,13 @@ import torch
 import gptexp
 import gptexp.corpus
 import gptexp.token_cache
-from gptexp.datasets import GPTDatasetV1, make_loader, num_windows
-from gptexp.errors import CorpusError
-from conftest import TINY
 from gptexp.config import load_config
 from gptexp.data import prepare_data
+from gptexp.datasets import GPTDatasetV1, make_loader, num_windows
+from gptexp.errors import CorpusError
 from gptexp.token_cache import HEADER_BYTES, cache_path, cached_token_ids
+
+from conftest import TINY
 
 
 @pytest.mark.parametrize("max_length,stride", [(4, 1), (4, 4), (8, 3), (256, 128), (16, 32)])

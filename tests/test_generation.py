@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gptexp
+
 from conftest import SMALL_CFG
 
 

@@ -11,9 +11,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY
 from gptexp.cli import main
 from gptexp.provenance import environment_tags, redact
+
+from conftest import TINY
 
 # (text as written, text as logged): user names, hosts, ports and databases stay readable.
 CASES = [

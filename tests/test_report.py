@@ -58,7 +58,8 @@ def store(mlflow_store):
         losses = ([5.4, 5.1], [6.2], [])
         for n, lr in enumerate(lrs):
             ids[f"{study}-{n}"] = make_run(
-                client, "sweep-tests", f"trial-{n}", dict(BASE, **{"train.lr": lr}), losses[n], start=start + 1000 * (n + 1),
+                client, "sweep-tests", f"trial-{n}", dict(BASE, **{"train.lr": lr}), losses[n],
+                start=start + 1000 * (n + 1),
                 status="FINISHED" if states[n] == "COMPLETE" else ("KILLED" if states[n] == "PRUNED" else "FAILED"),
                 tags={"gptexp.job": "trial", "gptexp.study": study, "gptexp.trial": str(n), "optuna.state": states[n],
                       "mlflow.parentRunId": parent})

@@ -11,11 +11,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, VERDICT_SHA256
 from gptexp import jobs, provenance
 from gptexp.cli import main
 from gptexp.config import from_dict, load_config
 from gptexp.tracking import local_artifact_dir
+
+from conftest import REPO, TINY, VERDICT_SHA256
 
 ONE_EPOCH = ["train.num_epochs=1"]
 
@@ -26,7 +27,8 @@ def runs_of(client, experiment):
 
 
 def metric_history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in history]
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +118,15 @@ def test_reproduce_within_tolerance_passes_exit_0_and_tags_the_run(source, tmp_p
     assert main(["reproduce", str(spec), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "metric" in out and "|diff|" in out and "verdict: pass" in out
-    (run,) = [r for r in runs_of(client, config.experiment) if r.data.tags.get("gptexp.experiment_spec") == "tiny-check"]
+    (run,) = [r for r in runs_of(client, config.experiment)
+              if r.data.tags.get("gptexp.experiment_spec") == "tiny-check"]
     assert run.data.tags["gptexp.verdict"] == "pass" and run.data.tags["gptexp.job"] == "reproduce"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_epochs"] == "1"  # params are the config; the tag names the spec
     rows = comparison_rows(client, run.info.run_id)
     # train_loss, val_loss and tokens_seen at each eval step, then the sample
-    assert [(r["metric"], r["step"]) for r in rows[:3]] == [("train_loss", "0"), ("val_loss", "0"), ("tokens_seen", "0")]
+    assert [(r["metric"], r["step"]) for r in rows[:3]] == [("train_loss", "0"), ("val_loss", "0"),
+                                                             ("tokens_seen", "0")]
     assert len(rows) == 3 * len(result.evals) + 1 and rows[-1]["metric"] == "sample"
     assert all(r["ok"] == "true" for r in rows)
 
@@ -136,7 +140,8 @@ def test_reproduce_outside_tolerance_fails_exit_1_naming_the_point(source, tmp_p
     assert "verdict: fail" in out
     (failed,) = [ln for ln in out.splitlines() if ln.rstrip().endswith("FAIL")]
     assert failed.split()[:2] == ["val_loss", "5"]
-    (run,) = [r for r in runs_of(client, config.experiment) if r.data.tags.get("gptexp.experiment_spec") == "tiny-wrong"]
+    (run,) = [r for r in runs_of(client, config.experiment)
+              if r.data.tags.get("gptexp.experiment_spec") == "tiny-wrong"]
     assert run.data.tags["gptexp.verdict"] == "fail"
     bad = [r for r in comparison_rows(client, run.info.run_id) if r["ok"] == "false"]
     assert [(r["metric"], r["step"]) for r in bad] == [("val_loss", "5")]
@@ -184,7 +189,8 @@ def test_rerun_makes_a_new_run_from_the_recorded_config_with_identical_metrics(s
     timing = {"tokens_per_sec"}
     assert set(rerun.data.metrics) == set(original.data.metrics)
     for key in set(original.data.metrics) - timing:
-        assert metric_history(client, rerun.info.run_id, key) == metric_history(client, source_id, key), key  # bit for bit
+        # bit for bit
+        assert metric_history(client, rerun.info.run_id, key) == metric_history(client, source_id, key), key
     assert "identical" in capsys.readouterr().out
 
 

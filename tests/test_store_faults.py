@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, cli_env
 from gptexp.cli import main
+
+from conftest import TINY, cli_env
 
 ONE_EPOCH = ["--set", "train.num_epochs=1", "--set", "sample.max_new_tokens=5"]
 

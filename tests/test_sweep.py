@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -21,11 +22,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY, cli_env
 from gptexp import jobs
 from gptexp.cli import main
 from gptexp.config import load_config
 from gptexp.runtime import physical_cores
+
+from conftest import TINY, cli_env
 
 STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -108,7 +110,8 @@ def test_six_trials_make_one_parent_and_six_children_whose_states_match(six, mlf
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         params = child.data.params
-        assert int(params["data.stride"]) == max(1, round(float(params["data.stride_fraction"]) * int(params["model.context_length"])))
+        stride = float(params["data.stride_fraction"]) * int(params["model.context_length"])
+        assert int(params["data.stride"]) == max(1, round(stride))
         assert {"train.lr", "train.batch_size", "model.emb_dim", "data.source"} <= set(params)
 
 
@@ -122,7 +125,7 @@ def test_the_parent_holds_best_value_trials_table_plots_and_best_config(six, mlf
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= names
     trials_csv = client.download_artifacts(parent.info.run_id, "trials/trials.csv")
-    assert len(open(trials_csv).read().strip().splitlines()) == 7
+    assert len(Path(trials_csv).read_text().strip().splitlines()) == 7
 
 
 def test_the_exported_best_config_retrains_to_the_best_trials_value(six, mlflow_store):
@@ -297,7 +300,8 @@ def test_a_postgresql_storage_works_and_its_password_is_never_logged(tmp_path, c
 
 
 @pytest.mark.parametrize("change,expected", [
-    ({"space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}}, "space.train.learning_rate is not a config key"),
+    ({"space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}},
+     "space.train.learning_rate is not a config key"),
     ({"space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "empty range"),
     ({"space": {"train.batch_size": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
     ({"sampler": {"name": "annealing"}}, "sampler 'annealing' is unknown"),
@@ -311,15 +315,19 @@ def test_a_postgresql_storage_works_and_its_password_is_never_logged(tmp_path, c
     ({"heartbeat": {"interval": 5, "grace": "soon"}}, "heartbeat.grace (seconds) must be a positive integer"),
     ({"max_failures": "x"}, "max_failures must be a positive integer (got 'x')"),
     ({"n_trials": True}, "n_trials must be a positive integer (got True)"),
-    ({"space": {"train.lr": {"type": "float", "low": True, "high": 1e-2}}}, "space.train.lr.low must be a finite number"),
-    ({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": float("nan")}}}, "space.train.lr.high must be a finite number"),
+    ({"space": {"train.lr": {"type": "float", "low": True, "high": 1e-2}}},
+     "space.train.lr.low must be a finite number"),
+    ({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": float("nan")}}},
+     "space.train.lr.high must be a finite number"),
     ({"space": {"train.batch_size": {"type": "categorical", "choices": [[4], 8]}}},
      "space.train.batch_size.choices must be numbers, strings, booleans or null (got [4])"),
     ({"space": {"train.batch_size": {"type": "int", "low": 0, "high": 8}}},
      "space.train.batch_size reaches 0, which the config refuses: train.batch_size must be at least 1"),
     ({"base": {"config": str(TINY), "overrides": {"data.stride": 8}}},
-     "space.data.stride_fraction reaches 0.5, which the config refuses: data.stride and data.stride_fraction are both set"),
-    ({"enqueue": [{"train.batch_size": 5}]}, "enqueue point train.batch_size=5 is not one of space.train.batch_size.choices"),
+     "space.data.stride_fraction reaches 0.5, which the config refuses: "
+     "data.stride and data.stride_fraction are both set"),
+    ({"enqueue": [{"train.batch_size": 5}]},
+     "enqueue point train.batch_size=5 is not one of space.train.batch_size.choices"),
     ({"sampler": {"name": "tpe", "n_startup_trials": "ten"}}, "sampler tpe fails on this space"),
     ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: "),
     ({"objective": ["epoch_val_loss"]}, "objective must be a metric name or a mapping"),

@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, cli_env
 from gptexp import jobs
 from gptexp.cli import main
 from gptexp.config import load_config
 from gptexp.tracking import local_artifact_dir
 
+from conftest import TINY, cli_env
+
 TWO_EPOCHS = ["--set", "train.num_epochs=2"]
 
 
 def metric_history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in history]
 
 
 def runs_in(client, status=None):
@@ -89,7 +91,8 @@ def test_artifacts_plots_config_checkpoints_and_the_corpus_input(finished_run):
     assert load_config(folder / "config" / "config.yaml") == load_config(TINY, ["train.num_epochs=2"])
     ckpts = folder / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} >= {"index.json", "epoch-0002"}
-    assert {"model.safetensors", "model_config.json", "state.pt", "config.yaml"} <= {p.name for p in (ckpts / "epoch-0002").iterdir()}
+    files = {p.name for p in (ckpts / "epoch-0002").iterdir()}
+    assert {"model.safetensors", "model_config.json", "state.pt", "config.yaml"} <= files
     run = client.get_run(run_id)
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.name == "the-verdict"
@@ -109,8 +112,8 @@ def test_eval_of_the_runs_checkpoint_reproduces_the_logged_final_val_loss(finish
     assert float(line.split()[1]) == pytest.approx(logged, abs=5e-5)  # the table prints 4 decimals
     folder = jobs.run_checkpoint(client, run_id, "last")
     from gptexp.checkpoint import load_model
-    from gptexp.evaluation import evaluate_split
     from gptexp.data import prepare_data
+    from gptexp.evaluation import evaluate_split
 
     config = load_config(folder / "config.yaml")
     exact = evaluate_split(load_model(folder), prepare_data(config).val_ids, 64, "cpu", 8).loss

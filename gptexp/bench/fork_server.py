@@ -69,7 +69,7 @@ def build_windows(spec: dict) -> list[dict]:
             def build():
                 return cls.from_token_ids(ids, ctx, stride)
 
-    results = []
+    results: list[dict] = []
     while len(results) < spec["reps"]:
         if results and sum(r["seconds"] for r in results) * (1 + 1 / len(results)) > spec["budget_s"]:
             break

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from pathlib import Path
-
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ def matmul_peak(dtype: torch.dtype, max_n: int, reps: int, budget_s: float) -> d
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         F.linear(a, b)
-        t = min(timed(lambda: F.linear(a, b)) for _ in range(reps))
+        t = min(timed(lambda a=a, b=b: F.linear(a, b)) for _ in range(reps))
         rate = flops / t
         if rate > best:
             best, best_n = rate, n

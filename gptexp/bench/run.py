@@ -86,7 +86,7 @@ def run_bench(quick: bool = False, out: Path | None = None, log_mlflow: bool = T
         result["ratios"] = ratios_of(result)
         tr = result["train"]
         eager = {"fp32": tr["fast_fp32"]["tokens_per_s"], "bf16": tr["fast_bf16"]["tokens_per_s"]}
-        precision = max(eager, key=eager.get)
+        precision = max(eager, key=lambda p: eager[p])
         compiled = [k for k in tr if k.startswith("fast_compile_")]
         result["settings"] = {
             "optimizer": opt_name,

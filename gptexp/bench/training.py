@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from .timing import figure, median, repeat, timed
 BOOK_LR, BOOK_WEIGHT_DECAY = 4e-4, 0.1
 # The training figures time what `gptexp train` runs with its defaults (fused AdamW), at the book's lr.
 _TRAIN_CONFIG = Config(train=TrainConfig(lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY))
-OPTIMIZERS = {  # AdamW implementations; the book's default on CPU tensors is the for-loop one
+# AdamW implementations; the book's default on CPU tensors is the for-loop one.
+OPTIMIZERS: dict[str, dict[str, Any]] = {
     "for_loop": {"foreach": False},
     "foreach": {"foreach": True},
     "fused": {"fused": True},
@@ -44,7 +46,7 @@ def optimizer_figures(sizes: Sizes) -> dict:
             times[name].append(timed(opt.step))
     del opts
     gc.collect()
-    out = {name: {"step_s": median(ts), "times_s": ts} for name, ts in times.items()}
+    out: dict[str, Any] = {name: {"step_s": median(ts), "times_s": ts} for name, ts in times.items()}
     out["best"] = min(OPTIMIZERS, key=lambda k: out[k]["step_s"])
     return out
 
@@ -137,7 +139,7 @@ def train_figures(sizes: Sizes, bf16_native: bool, peaks: dict, notes: list) -> 
 
     # Round 1 times every variant; later rounds every variant while the budget allows, else only
     # those behind the headline ratios (train_fp32, train_bf16), else stop.
-    headline = [n for n in ("book_pkg_fp32", "fast_fp32", "fast_bf16") if n in trainers]
+    headline: list[str] = [n for n in ("book_pkg_fp32", "fast_fp32", "fast_bf16") if n in trainers]
     times: dict[str, list[float]] = {name: [] for name in trainers}
     spent, members = 0.0, list(trainers)
     while True:
@@ -189,7 +191,7 @@ def train_figures(sizes: Sizes, bf16_native: bool, peaks: dict, notes: list) -> 
         del trainer
         gc.collect()
 
-    for name, fig in out.items():
+    for fig in out.values():
         f = fig.get("flops_per_token", flops)
         fig["flops_per_token"] = f
         for prec in ("fp32", "bf16"):
