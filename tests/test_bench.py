@@ -170,9 +170,9 @@ WITHOUT_THE_BOOK = "import sys; sys.modules['llms_from_scratch'] = None; "
 
 
 @pytest.mark.parametrize("how", [
-    "from gptexp.cli import main; sys.exit(main(sys.argv[1:]))",  # gptexp bench
-    "import runpy; runpy.run_module('gptexp.bench', run_name='__main__', alter_sys=True)",  # python -m gptexp.bench
-])
+    "from gptexp.cli import main; sys.exit(main(sys.argv[1:]))",
+    "import runpy; runpy.run_module('gptexp.bench', run_name='__main__', alter_sys=True)",
+], ids=["gptexp bench", "python -m gptexp.bench"])
 def test_without_the_books_package_bench_is_one_line_exit_2_and_writes_nothing(tmp_path, how):
     args = ["bench", "--quick", "--out", str(tmp_path / "out" / "bench.json")]
     if "runpy" in how:
