@@ -74,13 +74,15 @@ class PreparedCorpus:
 class Progress:
     """A tqdm bar per phase on a terminal (bytes, rate, ETA; tokens when encoding), else silent.
 
-    Phases smaller than `min_bytes` get no bar, so a small corpus prepares without a flicker.
+    Phases smaller than `min_bytes` get no bar, so a small corpus prepares without a flicker; a
+    bar is redrawn at most every `refresh_s` seconds, and once more, complete, when it closes.
     """
 
-    def __init__(self, stream=None, bars: bool | None = None, min_bytes: int = 0):
+    def __init__(self, stream=None, bars: bool | None = None, min_bytes: int = 0, refresh_s: float = 0.1):
         self.stream = stream or sys.stderr
         self.bars = self.stream.isatty() if bars is None else bars
         self.min_bytes = min_bytes
+        self.refresh_s = refresh_s
         self.bar = None
         self.tokens = 0
         self.started = 0.0
@@ -92,7 +94,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=self.stream, leave=False, dynamic_ncols=True)
+                            file=self.stream, leave=False, dynamic_ncols=True, mininterval=self.refresh_s)
 
     def advance(self, n_bytes: int = 0, n_tokens: int = 0) -> None:
         self.tokens += n_tokens
@@ -104,6 +106,7 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()
             self.bar.close()
             self.bar = None
 
