@@ -22,7 +22,7 @@ EXIT_BAD_INPUT = 2
 # T nears float32's smallest values; above the upper bound it is uniform noise.
 TEMPERATURE_RANGE = (0.01, 100.0)
 # Modules that add their own subcommands: each has register(subparsers), setting func=... on its parsers.
-COMMAND_MODULES = ("sweep", "experiments", "report", "bench")
+COMMAND_MODULES = ("sweep", "experiments", "report", "bench", "data_command")
 
 
 class _Parser(argparse.ArgumentParser):
