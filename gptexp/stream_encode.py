@@ -76,6 +76,7 @@ def encode_chunks(chunks: Iterable[str], tokenizer, threads: int) -> Iterator[np
     the whole stream lets reading and writing go on while the threads encode, with a bounded
     number of chunks in flight, and encode_to_numpy hands the ids over without a Python int each.
     """
+    threads = max(1, threads)
     dtype = token_dtype(tokenizer.n_vocab)
     allowed = {DOC_SEPARATOR}
 
@@ -83,7 +84,7 @@ def encode_chunks(chunks: Iterable[str], tokenizer, threads: int) -> Iterator[np
         return tokenizer.encode_to_numpy(chunk, allowed_special=allowed).astype(dtype)
 
     pending: deque = deque()
-    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="gptexp-encode")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="gptexp-encode")
     try:
         for chunk in chunks:
             pending.append(pool.submit(encode, chunk))
