@@ -113,7 +113,8 @@ def _child(code: str, *args: str) -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench child failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -172,8 +173,9 @@ def run(sizes_mb: list[int], threads: int, reps: int, out: Path | None, verbose:
             shutil.rmtree(folder, ignore_errors=True)
             result["sizes"][f"{mb}MB"] = fig
         big = result["sizes"][f"{largest}MB"]
-        best = lambda runs: max(r["tokens_per_s"] for r in runs)  # noqa: E731  (the least disturbed run)
-        result["tokens_per_s_ratio"] = best(big["prepare"]) / best(big["baseline"])
+        # The best of each: the run a noisy neighbour disturbed least.
+        result["tokens_per_s_ratio"] = (max(r["tokens_per_s"] for r in big["prepare"])
+                                        / max(r["tokens_per_s"] for r in big["baseline"]))
         small = result["sizes"][f"{min(sizes_mb)}MB"]["prepare"][0]
         large = big["prepare"][0]
         result["peak_rss_ratio"] = large["peak_rss_bytes"] / small["peak_rss_bytes"]

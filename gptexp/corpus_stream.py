@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .corpus import DOC_SEPARATOR, blank_file, cannot_read, corpus_files, not_utf8, open_corpus_file
+from .corpus import (
+    DOC_SEPARATOR,
+    blank_file,
+    cannot_read,
+    corpus_files,
+    not_utf8,
+    open_corpus_file,
+)
 from .errors import CorpusError
 
 # Bytes read from a file at a time; the text of one block is the largest string the reading holds.

@@ -31,6 +31,7 @@ import numpy as np
 
 from .corpus import corpus_files, default_data_dir
 from .corpus_stream import BLOCK_BYTES, StreamedCorpus, corpus_parts, scan_files
+from .errors import RunFailed
 from .stream_encode import CHUNK_CHARS, stream_encode
 from .tokenizer import get_tokenizer
 from .tokens import CacheWriter, cache_path, read_cache
@@ -201,16 +202,19 @@ def prepare_corpus(source: str | os.PathLike[str], train_ratio: float, data_dir:
                 for part, writer in writers.items():
                     writer.commit()
                     counts[part] = writer.count
-            except BaseException:
+            except BaseException as exc:
                 for writer in writers.values():
                     writer.abort()
+                if isinstance(exc, OSError):  # reading errors are CorpusErrors by now: this is the cache
+                    raise RunFailed(f"cannot write the token cache in {paths[0].parent}: "
+                                    f"{exc.strerror or exc}; free disk space or make it writable") from None
                 raise
             seconds = time.perf_counter() - t0
             if load:
                 for part in missing:
                     ids, problem = read_cache(paths[part], tokenizer, digests[part])
                     if ids is None:  # written and synced just now: only a faulty disk gets here
-                        raise OSError(f"token cache {paths[part]} {problem} right after it was written")
+                        raise RunFailed(f"token cache {paths[part]} {problem} right after it was written")
                     found[part] = ids
     finally:
         progress.close()

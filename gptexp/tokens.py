@@ -180,7 +180,7 @@ class CacheWriter:
         self._file.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

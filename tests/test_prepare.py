@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, cli_env
+
 from gptexp.cli import main
 from gptexp.corpus import DOC_SEPARATOR, load_corpus, sha256_text
 from gptexp.corpus_stream import corpus_text, scan_files
@@ -262,7 +262,7 @@ def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 120.
 def test_an_interrupted_prepare_leaves_no_cache_that_is_later_trusted(tmp_path, tokenizer):
     folder = write_folder(tmp_path / "corpus", [f"Document {i}: " + "the quick brown fox jumps. " * 2000
                                                 for i in range(8)])
-    corpus, (train, val), expected = whole_text_splits(folder, 0.9, tokenizer)
+    _, (train, val), expected = whole_text_splits(folder, 0.9, tokenizer)
     data_dir, marker = tmp_path / "data", tmp_path / "stalled"
     cache = data_dir / "cache"
     names = [cache_path(cache, sha256_text(part), tokenizer) for part in (train, val)]
@@ -326,7 +326,7 @@ def test_preparing_a_100mb_folder_stays_under_a_memory_bound_that_does_not_grow_
     try:
         generate_corpus(folder, 100 * 10**6, seed=1)
         out = subprocess.run([sys.executable, "-c", _MEASURE_PEAK, str(folder), str(tmp_path / "data")],
-                             env=cli_env(), capture_output=True, text=True, timeout=600)
+                             env=cli_env(), capture_output=True, text=True, timeout=600, check=False)
         assert out.returncode == 0, out.stderr
         r = json.loads(out.stdout)
         assert r["bytes"] > 95 * 2**20 and r["tokens"] > 20_000_000
