@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import interrupts
 from .corpus import corpus_files, default_data_dir
 from .corpus_stream import BLOCK_BYTES, StreamedCorpus, corpus_parts, scan_files
 from .errors import RunFailed
@@ -116,6 +117,7 @@ def _split_digests(corpus: StreamedCorpus, at: int, block_bytes: int, progress: 
     digests = [hashlib.sha256(), hashlib.sha256()]
     progress.phase("hashing the splits", corpus.text_bytes)
     for part, _, raw in corpus_parts(corpus, at, block_bytes):
+        interrupts.check()
         digests[part].update(raw)
         progress.advance(len(raw))
     return [d.hexdigest() for d in digests]
@@ -160,6 +162,7 @@ def _encode_splits(corpus: StreamedCorpus, at: int, writers: dict[int, CacheWrit
 
 def _texts(blocks, progress: Progress) -> Iterator[str]:
     for _, text, raw in blocks:
+        interrupts.check()  # a stop requested inside a job (a sweep worker) is honoured block by block
         progress.advance(len(raw))
         yield text
 
@@ -232,4 +235,8 @@ def _scan(source, data_dir: Path, block_bytes: int, progress: Progress) -> Strea
         except OSError:
             pass  # scan_files reports it
     progress.phase("reading the corpus", total)
-    return scan_files(str(source), files, block_bytes=block_bytes, progress=lambda n: progress.advance(n))
+    def advance(n: int) -> None:
+        interrupts.check()
+        progress.advance(n)
+
+    return scan_files(str(source), files, block_bytes=block_bytes, progress=advance)

@@ -288,6 +288,23 @@ def test_an_interrupted_prepare_leaves_no_cache_that_is_later_trusted(tmp_path, 
     assert sorted(cache.iterdir()) == sorted(names)
 
 
+class CtrlCOnceIdsAreWritten(Progress):
+    """Ctrl-C, as the interrupt handler raises it, once the encoder has handed over ids."""
+
+    def advance(self, n_bytes=0, n_tokens=0):
+        super().advance(n_bytes, n_tokens)
+        if n_tokens:
+            raise KeyboardInterrupt
+
+
+def test_a_prepare_stopped_by_ctrl_c_removes_its_temp_files(tmp_path, tokenizer):
+    folder = write_folder(tmp_path / "corpus", ["the quick brown fox jumps. " * 2000] * 3)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(folder, 0.9, tmp_path / "data", tokenizer=tokenizer, threads=2, chunk_chars=4096,
+                       progress=CtrlCOnceIdsAreWritten(bars=False))
+    assert list((tmp_path / "data" / "cache").iterdir()) == []
+
+
 _MEASURE_PEAK = r"""
 import gc, json, sys
 from pathlib import Path
