@@ -62,5 +62,13 @@ reproduce: $(STAMP) ## rerun the book's chapter-5 job (experiments/ch05-verdict.
 report: $(STAMP) ## a table of the latest sweep's trials (else the latest experiment's runs), best first
 	$(VENV)/bin/gptexp report
 
-bench: $(STAMP) ## measure gptexp against the book's implementation (writes bench-results/*.json, logs to MLflow)
+bench: $(STAMP) ## measure gptexp against the book's implementation, and data prepare against tiktoken (bench-results/*.json)
 	$(PY) -m gptexp.bench
+	$(PY) -m gptexp.bench.data_prepare
+
+.PHONY: data
+SOURCE ?=
+
+data: $(STAMP) ## tokenize a corpus into data/cache ahead of training (SOURCE=registry name, .txt file or folder)
+	@test -n "$(SOURCE)" || { echo "make data needs SOURCE=..., e.g. make data SOURCE=the-verdict or SOURCE=path/to/folder" >&2; exit 2; }
+	$(VENV)/bin/gptexp data prepare "$(SOURCE)"

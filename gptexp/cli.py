@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import interrupts, jobs, report, reproduce, sweep
+from . import data_command, interrupts, jobs, report, reproduce, sweep
 from .bench.cli import add_bench_arguments, cmd_bench
 from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
@@ -284,6 +284,8 @@ COMMANDS = (
             report.cmd_report),
     Command("compare", "two runs side by side: differing params, metrics, last samples", report.add_compare_arguments,
             report.cmd_compare),
+    Command("data", "prepare a corpus: tokenize it into the token cache ahead of training",
+            data_command.add_data_arguments, data_command.cmd_data),
     Command("bench", "measure gptexp against the book's implementation (JSON + MLflow)", add_bench_arguments,
             cmd_bench),
 )

@@ -19,8 +19,8 @@ from gptexp.errors import CorpusError
 MIRROR_ENV = "GPTEXP_DATA_MIRROR"
 DATA_DIR_ENV = "GPTEXP_DATA_DIR"
 MAX_BYTES_ENV = "GPTEXP_MAX_CORPUS_BYTES"
-# The whole text is held in memory and encoded in one call (a Python int per token on the way),
-# so a corpus above ~1 GiB needs far more RAM than a laptop has; raise it on a bigger machine.
+# load_corpus holds the whole text in memory, so a corpus above ~1 GiB needs far more RAM than a
+# laptop has; raise it on a bigger machine. Training never loads it: streaming.py reads any size.
 MAX_CORPUS_BYTES = 2**30
 # GPT-2 was trained with this token between documents, so joined files must not run together.
 DOC_SEPARATOR = "<|endoftext|>"
@@ -43,6 +43,10 @@ class Corpus:
     text: str
     sha256: str  # hex sha256 of text.encode("utf-8")
     files: tuple[Path, ...]  # the file(s) the text came from
+
+    @property
+    def characters(self) -> int:
+        return len(self.text)
 
 
 @dataclass(frozen=True)
@@ -216,24 +220,39 @@ def _too_big(what: str, limit: int) -> CorpusError:
     )
 
 
-def _read_bytes(path: Path, budget: int, limit: int, whole: str) -> bytes:
-    """At most `budget` bytes of the regular file `path`; anything else is refused before it is opened.
+def open_corpus_file(path: Path) -> BinaryIO:
+    """The regular file `path`, opened for reading; anything else is refused before it is opened.
 
     Opening a FIFO blocks until a writer comes and /dev/zero never ends, so the kind of file is
     checked with stat first; the descriptor is opened non-blocking and checked again (the path may
-    have changed in between), and the read stops one byte past the budget (the file may grow).
-    `whole` names what the `limit` applies to, for the error.
+    have changed in between). OSError is left to the caller, which names what it was reading.
+    """
+    mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is /dev/zero
+    if not stat.S_ISREG(mode):
+        raise CorpusError(f"corpus file {path} is {_kind(mode)}: only regular files (and folders of .txt files) "
+                          "are corpora; give a text file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(f.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise CorpusError(f"corpus file {path} is {_kind(mode)}: only regular files are corpora")
+    return f
+
+
+def cannot_read(path: Path, error: OSError) -> CorpusError:
+    return CorpusError(f"cannot read corpus file {path}: {_collapse_whitespace(error.strerror or error)}")
+
+
+def _read_bytes(path: Path, budget: int, limit: int, whole: str) -> bytes:
+    """At most `budget` bytes of the regular file `path` (see open_corpus_file).
+
+    The read stops one byte past the budget (the file may grow). `whole` names what the `limit`
+    applies to, for the error.
     """
     try:
-        mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is /dev/zero
-        if not stat.S_ISREG(mode):
-            raise CorpusError(f"corpus file {path} is {_kind(mode)}: only regular files (and folders of .txt files) "
-                              "are corpora; give a text file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        with os.fdopen(fd, "rb") as f:
+        with open_corpus_file(path) as f:
             size = os.fstat(f.fileno())
-            if not stat.S_ISREG(size.st_mode):
-                raise CorpusError(f"corpus file {path} is {_kind(size.st_mode)}: only regular files are corpora")
             if size.st_size > budget:
                 raise _too_big(whole, limit)
             # Sized by stat, since read(n) sets n bytes aside; a file that grew (or a /proc file,
@@ -243,7 +262,7 @@ def _read_bytes(path: Path, budget: int, limit: int, whole: str) -> bytes:
             if len(data) == want:
                 data += f.read(budget + 1 - len(data))
     except OSError as e:
-        raise CorpusError(f"cannot read corpus file {path}: {_collapse_whitespace(e.strerror or e)}") from None
+        raise cannot_read(path, e) from None
     if len(data) > budget:
         raise _too_big(whole, limit)
     return data
@@ -258,13 +277,21 @@ def _decode(path: Path, data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(
-            f"corpus file {path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-            "convert it to UTF-8, e.g. with iconv -t UTF-8"
-        ) from None
+        raise not_utf8(path, data[e.start], e.start) from None
     if not text.strip():
-        raise CorpusError(f"corpus file {path} is empty or only whitespace; give a file that holds text")
+        raise blank_file(path)
     return text
+
+
+def not_utf8(path: Path, byte: int, offset: int) -> CorpusError:
+    return CorpusError(
+        f"corpus file {path} is not UTF-8 (byte 0x{byte:02x} at offset {offset}); "
+        "convert it to UTF-8, e.g. with iconv -t UTF-8"
+    )
+
+
+def blank_file(path: Path) -> CorpusError:
+    return CorpusError(f"corpus file {path} is empty or only whitespace; give a file that holds text")
 
 
 def _folder_files(path: Path) -> tuple[Path, ...]:
@@ -274,7 +301,7 @@ def _folder_files(path: Path) -> tuple[Path, ...]:
         try:
             mode = p.stat().st_mode
         except OSError as e:
-            raise CorpusError(f"cannot read corpus file {p}: {_collapse_whitespace(e.strerror or e)}") from None
+            raise cannot_read(p, e) from None
         if stat.S_ISDIR(mode):
             continue  # subfolders are not searched, whatever their name
         if not stat.S_ISREG(mode):
@@ -297,7 +324,10 @@ def _read_folder(path: Path, files: tuple[Path, ...]) -> str:
     return DOC_SEPARATOR.join(texts)
 
 
-def load_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, **resolve_kwargs) -> Corpus:
+def corpus_files(source: str | os.PathLike[str], data_dir: Path | None = None,
+                 **resolve_kwargs) -> tuple[Path, ...]:
+    """The file(s) a source names, in corpus order: a registry corpus's verified file, a text
+    file, or a folder's .txt files."""
     path = Path(source)
     if not path.exists():
         registry = load_registry(data_dir)
@@ -307,13 +337,15 @@ def load_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, **
                 f"(known: {', '.join(sorted(registry)) or 'none'}); give a path to a text file, "
                 "a folder of .txt files, or a known name"
             )
-        file = resolve_registry_file(str(source), data_dir, **resolve_kwargs)
-        text = _read_text(file)
-        return Corpus(str(source), text, sha256_text(text), (file,))
+        return (resolve_registry_file(str(source), data_dir, **resolve_kwargs),)
     if path.is_dir():
-        files = _folder_files(path)
-        text = _read_folder(path, files)
-    else:
-        files = (path,)
-        text = _read_text(path)
+        return _folder_files(path)
+    return (path,)
+
+
+def load_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, **resolve_kwargs) -> Corpus:
+    """The whole text in memory (up to max_corpus_bytes()); training streams it instead (streaming.py)."""
+    files = corpus_files(source, data_dir, **resolve_kwargs)
+    path = Path(source)
+    text = _read_folder(path, files) if path.is_dir() else _read_text(files[0])
     return Corpus(str(source), text, sha256_text(text), files)

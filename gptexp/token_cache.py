@@ -114,9 +114,12 @@ def _read(path: Path, dtype: np.dtype, text_sha256: str) -> tuple[np.ndarray | N
                 return None, f"is {state} ({size:,} bytes where its header says {expected:,} for {count:,} tokens)"
             ids: np.ndarray
             if size >= MMAP_BYTES:
-                ids = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
-            else:
-                ids = np.fromfile(f, dtype=dtype, count=count)
+                # Digested through reads, not the mapping: a mapping's pages would stay in this
+                # process's resident memory, the whole file of them.
+                if _file_digest(f) != ids_digest:
+                    return None, "is damaged (its ids do not match their checksum)"
+                return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,)), ""
+            ids = np.fromfile(f, dtype=dtype, count=count)
     except OSError as exc:
         return None, f"cannot be read ({exc.strerror or exc})"
     if len(ids) != count:
@@ -124,3 +127,63 @@ def _read(path: Path, dtype: np.dtype, text_sha256: str) -> tuple[np.ndarray | N
     if _digest(ids) != ids_digest:
         return None, "is damaged (its ids do not match their checksum)"
     return ids, ""
+
+
+def _file_digest(f) -> bytes:
+    digest = hashlib.blake2b(digest_size=32)
+    for block in iter(lambda: f.read(_DIGEST_BLOCK), b""):
+        digest.update(block)
+    return digest.digest()
+
+
+def read_cache(path: Path, tokenizer, text_sha256: str) -> tuple[np.ndarray | None, str]:
+    """The ids in the cache at `path` when it verifies for this text and tokenizer, else (None, why not)."""
+    return _read(path, _disk_dtype(token_dtype(tokenizer.n_vocab)), text_sha256)
+
+
+class CacheWriter:
+    """A token cache written as the ids come, in the format `_read` verifies.
+
+    The ids go to a temp file after a blank header; `commit` writes the header (count, digest)
+    last, syncs and renames, so a cache interrupted at any point is never found under its name.
+    Used as a context manager, an exception (or Ctrl-C) removes the temp file.
+    """
+
+    def __init__(self, path: Path, tokenizer, text_sha256: str, *, temp_prefix: str | None = None):
+        self.path, self.text_sha256 = Path(path), text_sha256
+        self.dtype = _disk_dtype(token_dtype(tokenizer.n_vocab))
+        self.count = 0
+        self._digest = hashlib.blake2b(digest_size=32)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temp_prefix or self.path.name, suffix=".tmp")
+        self.tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(bytes(HEADER_BYTES))
+
+    def append(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        self._digest.update(ids.data)
+        self._file.write(ids.data)
+        self.count += len(ids)
+
+    def commit(self) -> Path:
+        f = self._file
+        f.seek(0)
+        f.write(_HEADER.pack(MAGIC, VERSION, self.dtype.str.encode().ljust(4), self.count,
+                             bytes.fromhex(self.text_sha256), self._digest.digest()))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -44,6 +44,8 @@ from .tags import (
 
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
 TAG_TEXT_LIMIT = 300
+# Characters of file names a dataset's source holds (MLflow caps a source at 65,535); the profile counts all.
+MAX_SOURCE_CHARS = 32_000
 
 
 def tracking_uri() -> str:
@@ -407,14 +409,33 @@ class MlflowLogger(Callback):
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         corpus, data = event.data.corpus, event.data
-        source = {"uri": redact(corpus.name), "files": [str(f) for f in corpus.files]}
+        files = [str(f) for f in corpus.files]
+        # MLflow refuses a dataset source over 65,535 characters: a folder of thousands of files
+        # is named by its first ones and counted in full.
+        named, room = [], MAX_SOURCE_CHARS
+        for f in files:
+            room -= len(json.dumps(f)) + 2  # as written, with ", "
+            if room < 0:
+                break
+            named.append(f)
+        source = {"uri": redact(corpus.name), "files": named}
+        if len(named) < len(files):
+            source["more_files"] = len(files) - len(named)
         profile = {
             "sha256": corpus.sha256,
-            "characters": len(corpus.text),
+            "characters": corpus.characters,
+            "files": len(files),
+            "bytes": corpus.file_bytes,
             "train_tokens": int(len(data.train_ids)),
             "validation_tokens": int(len(data.val_ids)),
             "train_ratio": event.config.data.train_ratio,
         }
+        if data.prepared is not None:
+            # The book's split is by characters; each split's ids are one cache file, named by
+            # the sha256 of the split's text.
+            for split in data.prepared.splits:
+                profile[f"{split.name}_characters"] = list(split.characters)
+                profile[f"{split.name}_text_sha256"] = split.text_sha256
         # MLflow stores at most 36 characters of digest; the full sha256 is in the profile and a tag.
         dataset = Dataset(name=redact(corpus.name), digest=corpus.sha256[:36], source_type="local",
                           source=json.dumps(source), profile=json.dumps(profile))

@@ -157,7 +157,7 @@ def test_a_run_never_trains_on_a_truncated_cache(tmp_path, verdict_path):
     config = load_config(str(TINY), [f"data.source={verdict_path}"])
     data_dir = tmp_path / "data"  # the corpus is a path: only the cache lands here
     first = prepare_data(config, data_dir)
-    train_text, _ = gptexp.split_text(first.corpus.text, config.data.train_ratio)
+    train_text, _ = gptexp.split_text(verdict_path.read_text(encoding="utf-8"), config.data.train_ratio)
     path = cache_path(data_dir / "cache", gptexp.corpus.sha256_text(train_text), first.tokenizer)
     truncate(path, 4001)
     with pytest.warns(UserWarning, match="is truncated") as caught:

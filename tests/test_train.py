@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -84,7 +85,7 @@ def test_samples_table_has_a_row_per_epoch_and_text_files(finished_run):
     assert (folder / "samples" / "epoch-002.txt").read_text().startswith("Every effort moves you")
 
 
-def test_artifacts_plots_config_checkpoints_and_the_corpus_input(finished_run):
+def test_artifacts_plots_config_checkpoints_and_the_corpus_input(finished_run, data_dir):
     client, run_id = finished_run
     folder = local_artifact_dir(client, run_id)
     assert (folder / "plots" / "loss.png").stat().st_size > 1000
@@ -96,7 +97,11 @@ def test_artifacts_plots_config_checkpoints_and_the_corpus_input(finished_run):
     run = client.get_run(run_id)
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.name == "the-verdict"
-    assert "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f" in inp.dataset.profile
+    profile = json.loads(inp.dataset.profile)
+    assert profile["sha256"] == "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+    assert profile["files"] == 1 and profile["bytes"] == 20479 and profile["characters"] == 20479
+    assert profile["train_characters"] == [0, 18431] and profile["validation_characters"] == [18431, 20479]
+    assert json.loads(inp.dataset.source)["files"] == [str(data_dir / "raw" / "the-verdict.txt")]
     tags = run.data.tags
     assert tags["gptexp.precision"] == "fp32" and tags["gptexp.device"] == "cpu"
     assert tags["gptexp.torch_version"] and tags["gptexp.git_dirty"] in ("true", "false")

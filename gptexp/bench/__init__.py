@@ -18,5 +18,6 @@ The modules, one concern each: `sizes` (what is measured, how long it may take),
 package), `training` (training steps through `runner.train_step`, AdamW implementations),
 `inference` (evaluation, generation), `windows` (data windows) with `fork_server` (their clean
 peak memory), `results` (ratios, table, JSON), `mlflow_run` (the MLflow run), `run` (`run_bench`,
-all of it in order) and `cli` (the command).
+all of it in order) and `cli` (the command). `data_prepare` is a bench of its own
+(`python -m gptexp.bench.data_prepare`): streamed corpus preparation against tiktoken's batched encoder.
 """
