@@ -2,6 +2,10 @@
 
 Everything that can be checked is checked before the MLflow run is created (config, corpus,
 splits, device), so bad input never leaves a run behind.
+
+A distributed job (`world`, gptexp.distributed) has one MLflow run: rank 0 checks, creates or
+reopens it and tells the other ranks its id and config (`World.lead`); they train beside it
+without subscribers (`World.follow`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
+from .distributed import SINGLE, World, check_batch
 from .errors import GptexpError
 from .progress import ConsoleProgress
 from .runner import Callback, RunResult, run
@@ -32,9 +37,12 @@ class TrainOutcome:
     result: RunResult
 
 
-def preflight(config: Config, data: Splits | None = None, *, training: bool = True) -> Splits:
-    """Validate what a run needs before it exists: device, precision, memory, corpus and splits."""
-    device = resolve_device(config.train.device)
+def preflight(config: Config, data: Splits | None = None, *, training: bool = True, world: World = SINGLE) -> Splits:
+    """Validate what a run needs before it exists: device, precision, memory, corpus and splits,
+    and that the batch splits over the job's processes."""
+    if training:
+        check_batch(config.train, world.size)
+    device = resolve_device(config.train.device, world)
     resolve_precision(config.train.precision, device)
     check_model_fits(config.model, device, training=training)
     data = data or prepare_data(config)
@@ -93,25 +101,42 @@ def _check_start_context(config: Config, tokenizer) -> None:
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
           tags: dict | None = None, parent_run_id: str | None = None, callbacks: list[Callback] = (),
           data: Splits | None = None, client=None, console: bool = True,
-          on_created: Callable[[str], None] | None = None) -> TrainOutcome:
-    """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists."""
-    experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
-        else config.experiment
-    if run_name is not None:
-        check_name("run name", run_name, MAX_RUN_NAME)
-    data = preflight(config, data)
-    client = client or get_client()
-    tags = {TAG_JOB: "train", **(tags or {})}
-    with write_failures(client), \
-            tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
-        if on_created is not None:
-            on_created(run_id)
-        root, upload = checkpoint_root(client, run_id)
-        subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
-        if console:
-            subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, data=data, checkpoint_dir=root)
+          on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome:
+    """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
+
+    In a distributed job every rank calls it; the ranks other than 0 train rank 0's config.
+    """
+    if not world.is_main:
+        return _follow(world)
+    with world.lead() as start:
+        experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
+            else config.experiment
+        if run_name is not None:
+            check_name("run name", run_name, MAX_RUN_NAME)
+        data = preflight(config, data, world=world)
+        client = client or get_client()
+        tags = {TAG_JOB: "train", **(tags or {})}
+        with write_failures(client), \
+                tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id, \
+                world.peer_errors():
+            if on_created is not None:
+                on_created(run_id)
+            start(run_id, config)
+            root, upload = checkpoint_root(client, run_id)
+            subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
+            if console:
+                subscribers.append(ConsoleProgress())
+            result = run(config, subscribers, data=data, checkpoint_dir=root, world=world)
     return TrainOutcome(run_id, result)
+
+
+def _follow(world: World) -> TrainOutcome:
+    """A rank other than 0: rank 0's run id and config, then the same run beside it (no subscribers;
+    a resumed run's checkpoint state comes from rank 0 inside `run`)."""
+    with world.peer_errors():
+        run_id, config = world.follow()
+        data = preflight(config, world=world)
+        return TrainOutcome(run_id, run(config, data=data, world=world))
 
 
 def run_config(client, run_id: str) -> Config:
@@ -158,8 +183,17 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
     return folder
 
 
-def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console: bool = True) -> TrainOutcome:
-    """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
+def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console: bool = True,
+           on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome:
+    """Continue run `run_id` from its last checkpoint, in the same MLflow run (`on_created(run_id)`
+    once it is reopened). In a distributed job every rank calls it; rank 0 alone reads the run."""
+    if not world.is_main:
+        return _follow(world)
+    with world.lead() as start:
+        return _resume(run_id, client, callbacks, console, on_created, world, start)
+
+
+def _resume(run_id: str, client, callbacks, console: bool, on_created, world: World, start) -> TrainOutcome:
     client = client or get_client()
     info = get_run(client, run_id).info
     run_id = info.run_id  # the full id, when given a prefix
@@ -177,11 +211,14 @@ def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console:
     if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
-    data = preflight(config)
+    data = preflight(config, world=world)
     require_writable(client, info.artifact_uri)
-    with write_failures(client), tracked_run(client, "", resume_run_id=run_id):
+    with write_failures(client), tracked_run(client, "", resume_run_id=run_id), world.peer_errors():
+        if on_created is not None:
+            on_created(run_id)
+        start(run_id, config)
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, data=data, checkpoint_dir=root, resume_from=folder)
+        result = run(config, subscribers, data=data, checkpoint_dir=root, resume_from=folder, world=world)
     return TrainOutcome(run_id, result)
