@@ -59,3 +59,8 @@ report: $(STAMP) ## a table of the latest sweep's trials (else the latest experi
 
 bench: $(STAMP) ## measure gptexp against the book's implementation (writes bench-results/*.json, logs to MLflow)
 	$(PY) -m gptexp.bench
+
+.PHONY: gpu-check
+
+gpu-check: $(STAMP) ## on a CUDA machine: fast-vs-book parity, 124M bf16+compile tokens/s and MFU, a DDP run on every GPU (nccl)
+	$(PY) scripts/gpu_check.py
