@@ -33,6 +33,9 @@ from gptexp.tracking import local_artifact_dir
 
 SETTINGS = ["data.train_ratio=0.89", "train.num_epochs=2"]
 EXACT = [*SETTINGS, "model.drop_rate=0"]  # dropout masks depend on the batch's shape, so the same only without
+# The equivalence runs accumulate 2 micro-batches a step: on 2 processes each rank's 4 windows go
+# through as 2 + 2, the first without DDP's gradient sync (no_sync), the second with it.
+ACCUM = [*EXACT, "train.grad_accum_steps=2"]
 DEADLINE = 600  # seconds; the waits end as soon as their condition holds
 
 
@@ -86,13 +89,13 @@ def client(mlflow_store):
 
 @pytest.fixture(scope="module")
 def one_process(client):
-    assert main(["train", "--config", str(TINY), *sets(EXACT), "--experiment", "ddp-one"]) == 0
+    assert main(["train", "--config", str(TINY), *sets(ACCUM), "--experiment", "ddp-one"]) == 0
     return only_run(client, "ddp-one").info.run_id
 
 
 @pytest.fixture(scope="module")
 def two_processes(client):
-    done = gptexp("train", "--nproc", "2", "--config", str(TINY), *sets(EXACT), "--experiment", "ddp-two")
+    done = gptexp("train", "--nproc", "2", "--config", str(TINY), *sets(ACCUM), "--experiment", "ddp-two")
     assert done.returncode == 0, done.stderr
     return only_run(client, "ddp-two").info.run_id
 
@@ -115,12 +118,12 @@ def test_two_processes_log_the_one_process_losses_at_every_eval_step_and_end_wit
     assert history(client, two_processes, "tokens_seen")[:2] == [(0, 512.0), (5, 3072.0)]
 
 
-def test_grad_accum_steps_2_on_one_process_is_the_same_training(client, one_process):
-    assert main(["train", "--config", str(TINY), *sets([*EXACT, "train.grad_accum_steps=2"]),
-                 "--experiment", "ddp-accum"]) == 0
-    accum = only_run(client, "ddp-accum")
-    assert accum.data.params["train.grad_accum_steps"] == "2"
-    assert_same_numbers(client, accum.info.run_id, one_process, 1e-4)
+def test_grad_accum_steps_2_on_one_process_is_the_same_training_as_whole_batches(client, one_process):
+    assert client.get_run(one_process).data.params["train.grad_accum_steps"] == "2"
+    assert main(["train", "--config", str(TINY), *sets(EXACT), "--experiment", "ddp-whole"]) == 0
+    whole = only_run(client, "ddp-whole")
+    assert whole.data.params["train.grad_accum_steps"] == "1"
+    assert_same_numbers(client, whole.info.run_id, one_process, 1e-4)
 
 
 def test_a_two_process_job_is_one_finished_run_recording_where_it_ran(client, two_processes):
