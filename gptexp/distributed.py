@@ -344,11 +344,12 @@ def speaks(exc: BaseException) -> bool:
 def joined(env: LaunchEnv | None, timeout: float = JOIN_TIMEOUT) -> Iterator[World]:
     """This process's World for the length of one job: SINGLE alone; else the process group,
     joined within `timeout` seconds and left at the end. Meanwhile signals only record a stop,
-    which the ranks agree on at each step (see gptexp.interrupts)."""
+    which the ranks agree on at each step (see gptexp.interrupts); after it they can no longer
+    cut the process's last line."""
     if env is None:
         yield SINGLE
         return
-    with interrupts.deferred(), interrupts.collective():
+    with interrupts.deferred(honour=env.rank == 0), interrupts.collective():
         world = _join(env, timeout)
         try:
             yield world
@@ -357,6 +358,7 @@ def joined(env: LaunchEnv | None, timeout: float = JOIN_TIMEOUT) -> Iterator[Wor
             # destructor ("terminate called without an active exception").
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+            interrupts.ending()
 
 
 def _join(env: LaunchEnv, timeout: float) -> World:

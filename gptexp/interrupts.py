@@ -119,16 +119,24 @@ def collective():
 
 
 @contextlib.contextmanager
-def deferred():
+def deferred(honour: bool = True):
     """While inside, signals are only recorded; a request still pending when the outermost
-    block ends normally is raised then (the job has ended cleanly; the command stops)."""
+    block ends normally is raised then (the job has ended cleanly; the command stops), unless
+    not `honour`: a rank other than 0 of a distributed job, which rank 0 speaks for."""
     _request.depth += 1
     try:
         yield
     finally:
         _request.depth -= 1
-    if _request.depth == 0:
+    if _request.depth == 0 and honour:
         check()
+
+
+def ending() -> None:
+    """The command's exit path begins: from now on signals are only recorded, as once a stop has
+    been raised. A distributed worker's job has ended, and torchrun, stopping the other workers,
+    must not cut the line that says how."""
+    _request.raised = True
 
 
 def sleep(seconds: float, step: float = 0.1) -> None:

@@ -20,10 +20,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, Config, ConfigError, ModelConfig, check_name, from_dict, read_yaml
-from .distributed import SINGLE, World, check_batch
-from .errors import GptexpError
+from .distributed import SINGLE, MainFailed, World, check_batch
+from .errors import INTERRUPTS, GptexpError
 from .progress import ConsoleProgress
-from .runner import Callback, RunResult, run
+from .runner import Callback, NonFiniteLoss, RunResult, run
 from .runtime import resolve_device, resolve_precision
 from .splits import Splits, prepare_data
 from .tags import TAG_JOB
@@ -101,10 +101,10 @@ def _check_start_context(config: Config, tokenizer) -> None:
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
           tags: dict | None = None, parent_run_id: str | None = None, callbacks: list[Callback] = (),
           data: Splits | None = None, client=None, console: bool = True,
-          on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome:
+          on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
     """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
 
-    In a distributed job every rank calls it; the ranks other than 0 train rank 0's config.
+    In a distributed job every rank calls it; the ranks other than 0 train rank 0's config (see `_follow`).
     """
     if not world.is_main:
         return _follow(world)
@@ -130,13 +130,22 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
     return TrainOutcome(run_id, result)
 
 
-def _follow(world: World) -> TrainOutcome:
+def _follow(world: World) -> TrainOutcome | None:
     """A rank other than 0: rank 0's run id and config, then the same run beside it (no subscribers;
-    a resumed run's checkpoint state comes from rank 0 inside `run`)."""
-    with world.peer_errors():
-        run_id, config = world.follow()
-        data = preflight(config, world=world)
-        return TrainOutcome(run_id, run(config, data=data, world=world))
+    a resumed run's checkpoint state comes from rank 0 inside `run`).
+
+    None when the job ended in a way rank 0 reports, having met it too: its own error before the
+    run, a NaN, a stop the ranks agreed on. This rank then ends quietly and successfully, so that
+    rank 0's exit is the job's: torchrun's agent stops every worker once one fails, and would
+    otherwise cut rank 0 short as it ends the run and says why.
+    """
+    try:
+        with world.peer_errors():
+            run_id, config = world.follow()
+            data = preflight(config, world=world)
+            return TrainOutcome(run_id, run(config, data=data, world=world))
+    except (MainFailed, NonFiniteLoss, *INTERRUPTS):
+        return None
 
 
 def run_config(client, run_id: str) -> Config:
@@ -184,7 +193,7 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
 
 
 def resume(run_id: str, *, client=None, callbacks: list[Callback] = (), console: bool = True,
-           on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome:
+           on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run (`on_created(run_id)`
     once it is reopened). In a distributed job every rank calls it; rank 0 alone reads the run."""
     if not world.is_main:

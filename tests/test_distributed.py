@@ -314,3 +314,10 @@ def test_commands_other_than_train_refuse_to_run_under_torchrun(capsys, monkeypa
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == ("gptexp: error: gptexp sweep runs as one process, not under torchrun (WORLD_SIZE is 2): "
                     "only gptexp train spans processes")
+
+
+def test_an_error_rank_0_meets_before_the_run_is_its_one_line_and_the_jobs_exit_2(client):
+    done = gptexp("train", "--nproc", "2", "--resume", "0123456789abcdef")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()  # the other rank, told rank 0 failed, says nothing
+    assert line.startswith("gptexp: error: no run '0123456789abcdef' in the MLflow store")
