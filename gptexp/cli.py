@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import data_command, interrupts, jobs, report, reproduce, sweep
+from . import data_command, distributed, interrupts, jobs, report, reproduce, sweep
 from .bench.cli import add_bench_arguments, cmd_bench
 from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
 from .evaluation import evaluate_split
 from .generation import generate, text_to_token_ids, token_ids_to_text
+from .launch import launch, record_run_id
 from .provenance import redact
 from .runner import NonFiniteLoss
 from .tables import aligned
@@ -70,6 +71,16 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 to 86400 (got {text!r})")
+    return value
+
+
 def _prompt(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty or blank: give the text to continue, "
@@ -96,6 +107,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
     p.add_argument("--run-name", metavar="NAME", help="MLflow run name")
     _add_set(p)
+    p.add_argument("--nproc", type=_int_in(1, 1024), metavar="N",
+                   help="train on N processes of this machine (torchrun's engine, DDP; one per GPU on CUDA); "
+                        "train.batch_size stays the global batch")
+    p.add_argument("--join-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others to join (default 300)")
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,20 +168,28 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.showwarning = _one_line_warnings(warnings.showwarning)
+
+    def say(exc: BaseException, line: str) -> None:
+        if distributed.speaks(exc):  # one process of a distributed job says what all of them met
+            print(line, file=sys.stderr)
+
     try:
+        if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise GptexpError(f"gptexp {args.command} runs as one process, not under torchrun (WORLD_SIZE is "
+                              f"{os.environ['WORLD_SIZE']}): only gptexp train spans processes")
         return args.func(args)
     except GptexpError as exc:
         # Messages quote storage URLs and driver errors, which may hold passwords.
-        print(f"gptexp: error: {redact(str(exc))}", file=sys.stderr)
+        say(exc, f"gptexp: error: {redact(str(exc))}")
         return EXIT_BAD_INPUT
     except NonFiniteLoss as exc:
-        print(f"gptexp: training failed: {exc}", file=sys.stderr)
+        say(exc, f"gptexp: training failed: {exc}")
         return 1
     except RunFailed as exc:
-        print(f"gptexp: run failed: {exc}", file=sys.stderr)
+        say(exc, f"gptexp: run failed: {exc}")
         return 1
-    except INTERRUPTS:
-        print("gptexp: interrupted", file=sys.stderr)
+    except INTERRUPTS as exc:
+        say(exc, "gptexp: interrupted")
         return 130
 
 
@@ -187,21 +211,40 @@ def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
 
 
 def cmd_train(args) -> int:
-    if args.resume:
-        if args.config or args.overrides:
-            raise GptexpError("--resume continues a run with its recorded config: drop --config and --set")
-        outcome = jobs.resume(args.resume)
-    else:
-        if not args.config:
-            raise GptexpError("train needs --config PATH (e.g. configs/tiny.yaml) or --resume RUN_ID")
-        config = load_config(args.config, args.overrides)
-        outcome = jobs.train(config, experiment=args.experiment, run_name=args.run_name)
+    if args.resume and (args.config or args.overrides):
+        raise GptexpError("--resume continues a run with its recorded config: drop --config and --set")
+    if not args.resume and not args.config:
+        raise GptexpError("train needs --config PATH (e.g. configs/tiny.yaml) or --resume RUN_ID")
+    config = None if args.resume else load_config(args.config, args.overrides)
+    if args.nproc is not None and args.nproc > 1:
+        return launch(args.nproc, _worker_argv(args), config)
+    # Under torchrun (or --nproc's workers): one process of a job; else SINGLE, the process alone.
+    with distributed.joined(distributed.launch_env(), args.join_timeout) as world:
+        if args.resume:
+            outcome = jobs.resume(args.resume, on_created=record_run_id, world=world)
+        else:
+            outcome = jobs.train(config, experiment=args.experiment, run_name=args.run_name,
+                                 on_created=record_run_id, world=world)
+    if not world.is_main:
+        return 0
     last = outcome.result.epochs[-1] if outcome.result.epochs else None
     summary = f"run {outcome.run_id} finished"
     if last is not None:
         summary += f": epoch_val_loss {last.val_loss:.4f} (ppl {last.val_ppl:.2f}) after epoch {last.epoch}"
     print(summary)
     return 0
+
+
+def _worker_argv(args) -> list[str]:
+    """The `gptexp train` command line of each worker `--nproc` starts (without --nproc)."""
+    argv = ["train"]
+    for flag, value in (("--config", args.config), ("--resume", args.resume), ("--experiment", args.experiment),
+                        ("--run-name", args.run_name)):
+        if value is not None:
+            argv += [flag, value]
+    for item in args.overrides:
+        argv += ["--set", item]
+    return argv + ["--join-timeout", str(args.join_timeout)]
 
 
 def _load_for_inference(args, overrides=()):

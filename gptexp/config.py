@@ -111,7 +111,10 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 2
+    batch_size: int = 2  # the global batch, whatever the number of processes
+    # A step's batch goes through in this many equal micro-batches (gradients accumulated), for
+    # batches that do not fit in memory at once: the same step, in smaller pieces.
+    grad_accum_steps: int = 1
     num_epochs: int = 10
     lr: float = 4e-4
     weight_decay: float = 0.1
@@ -298,6 +301,10 @@ def validate(cfg: Config) -> None:
     _check(d.stride is None or d.stride_fraction is None,
            "data.stride and data.stride_fraction are both set: keep one (set the other to null)")
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1 (got {t.batch_size})")
+    _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1 (got {t.grad_accum_steps})")
+    _check(t.batch_size % t.grad_accum_steps == 0,
+           f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum_steps {t.grad_accum_steps}: "
+           "each step's micro-batches must be equal (batch_size / grad_accum_steps windows each)")
     _check(t.num_epochs >= 1, f"train.num_epochs must be at least 1 (got {t.num_epochs})")
     for key in ("lr", "initial_lr", "min_lr"):
         value = getattr(t, key)

@@ -17,6 +17,11 @@ be swallowed (a GC callback again), the request stays recorded and the next `che
 start of a run honours it. Once a stop has been raised, later signals are only recorded: the exit
 path (a run's cleanup, the one line "gptexp: interrupted", exit 130) runs to its end.
 
+In a job that spans several processes (gptexp.distributed) a rank must not stop alone: the others
+would wait for it in their next collective. There (`collective()`) `check()` never raises; each
+training step and evaluation batch the ranks sum their requests (`World.step_loss`, `World.check_stop`)
+and all stop together through `raise_agreed`.
+
 Signals are delivered to a process, not to an object, so the request is process-wide state.
 """
 
@@ -39,6 +44,7 @@ class _Request:
         self.signum: int | None = None
         self.depth = 0  # nesting of deferred(); > 0 while a job must end cleanly
         self.raised = False  # the stop is under way: never raise again from the handler
+        self.collective = 0  # nesting of collective(); > 0 while the ranks of a job decide together
 
 
 _request = _Request()
@@ -47,6 +53,13 @@ _request = _Request()
 def _raise() -> None:
     _request.raised = True
     raise KeyboardInterrupt() if _request.signum == signal.SIGINT else Terminated()
+
+
+def raise_agreed(signum: int) -> None:
+    """Raise the stop the ranks of a job agreed on (signal `signum`), though this rank may have received none."""
+    if _request.signum is None:
+        _request.signum = signum
+    _raise()
 
 
 def _handle(signum: int, frame) -> None:
@@ -58,7 +71,7 @@ def _handle(signum: int, frame) -> None:
 
 def install() -> None:
     """Handle SIGINT and SIGTERM in this process from now on, with no request pending."""
-    _request.signum, _request.raised = None, False
+    _request.signum, _request.raised, _request.collective = None, False, 0
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers; embedding code keeps its own
     for signum in SIGNALS:
@@ -88,22 +101,42 @@ def requested() -> int | None:
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) if a stop was requested."""
-    if _request.signum is not None:
+    """Raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM) if a stop was requested
+    (never inside `collective()`, where the ranks agree on a stop first)."""
+    if _request.signum is not None and not _request.collective:
         _raise()
 
 
 @contextlib.contextmanager
-def deferred():
+def collective():
+    """While inside, `check()` only leaves the request recorded: the caller agrees on it with the
+    other processes of its job and raises it with `raise_agreed`."""
+    _request.collective += 1
+    try:
+        yield
+    finally:
+        _request.collective -= 1
+
+
+@contextlib.contextmanager
+def deferred(honour: bool = True):
     """While inside, signals are only recorded; a request still pending when the outermost
-    block ends normally is raised then (the job has ended cleanly; the command stops)."""
+    block ends normally is raised then (the job has ended cleanly; the command stops), unless
+    not `honour`: a rank other than 0 of a distributed job, which rank 0 speaks for."""
     _request.depth += 1
     try:
         yield
     finally:
         _request.depth -= 1
-    if _request.depth == 0:
+    if _request.depth == 0 and honour:
         check()
+
+
+def ending() -> None:
+    """The command's exit path begins: from now on signals are only recorded, as once a stop has
+    been raised. A distributed worker's job has ended, and torchrun, stopping the other workers,
+    must not cut the line that says how."""
+    _request.raised = True
 
 
 def sleep(seconds: float, step: float = 0.1) -> None:

@@ -2,6 +2,10 @@
 
 Everything that can be checked is checked before the MLflow run is created (config, corpus,
 splits, device), so bad input never leaves a run behind.
+
+A distributed job (`world`, gptexp.distributed) has one MLflow run: rank 0 checks, creates or
+reopens it and tells the other ranks its id and config (`World.lead`); they train beside it
+without subscribers (`World.follow`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from .config import (
     read_yaml,
 )
 from .data import Splits, prepare_data
-from .errors import GptexpError
+from .distributed import SINGLE, MainFailed, World, check_batch
+from .errors import INTERRUPTS, GptexpError
 from .progress import ConsoleProgress
-from .runner import Callback, RunResult, run
+from .runner import Callback, NonFiniteLoss, RunResult, run
 from .runtime import Runtime, resolve_runtime
 from .tags import TAG_JOB
 from .tracking import (
@@ -58,12 +63,15 @@ class Prepared:
     data: Splits
 
 
-def preflight(config: Config, *, training: bool = True) -> Prepared:
-    """Validate what a run needs before it exists: device, precision, memory, corpus and splits.
+def preflight(config: Config, *, training: bool = True, world: World = SINGLE) -> Prepared:
+    """Validate what a run needs before it exists: device, precision, memory, corpus and splits,
+    and that the batch splits over the job's processes.
 
     The one place a job's device and precision are resolved; the run computes with what this returns.
     """
-    runtime = resolve_runtime(config.train.device, config.train.precision, config.train.threads)
+    if training:
+        check_batch(config.train, world.size)
+    runtime = resolve_runtime(config.train.device, config.train.precision, config.train.threads, world)
     check_model_fits(config.model, runtime.device, training=training)
     data = prepare_data(config)
     _check_start_context(config, data.tokenizer)
@@ -121,28 +129,53 @@ def _check_start_context(config: Config, tokenizer) -> None:
 def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
           tags: dict | None = None, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
           prepared: Prepared | None = None, client=None, console: bool = True,
-          on_created: Callable[[str], None] | None = None) -> TrainOutcome:
+          on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
     """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
 
     `prepared`: `preflight(config)`'s result when the caller has it already (else it is made here).
+    In a distributed job every rank calls it; the ranks other than 0 train rank 0's config (see `_follow`).
     """
-    experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
-        else config.experiment
-    if run_name is not None:
-        check_name("run name", run_name, MAX_RUN_NAME)
-    prepared = preflight(config) if prepared is None else prepared
-    client = client or get_client()
-    tags = {TAG_JOB: "train", **(tags or {})}
-    with write_failures(client), \
-            tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id:
-        if on_created is not None:
-            on_created(run_id)
-        root, upload = checkpoint_root(client, run_id)
-        subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
-        if console:
-            subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root)
+    if not world.is_main:
+        return _follow(world)
+    with world.lead() as start:
+        experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
+            else config.experiment
+        if run_name is not None:
+            check_name("run name", run_name, MAX_RUN_NAME)
+        prepared = preflight(config, world=world) if prepared is None else prepared
+        client = client or get_client()
+        tags = {TAG_JOB: "train", **(tags or {})}
+        with write_failures(client), \
+                tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id, \
+                world.peer_errors():
+            if on_created is not None:
+                on_created(run_id)
+            start(run_id, config)
+            root, upload = checkpoint_root(client, run_id)
+            subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
+            if console:
+                subscribers.append(ConsoleProgress())
+            result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root,
+                         world=world)
     return TrainOutcome(run_id, result)
+
+
+def _follow(world: World) -> TrainOutcome | None:
+    """A rank other than 0: rank 0's run id and config, then the same run beside it (no subscribers;
+    a resumed run's checkpoint state comes from rank 0 inside `run`).
+
+    None when the job ended in a way rank 0 reports, having met it too: its own error before the
+    run, a NaN, a stop the ranks agreed on. This rank then ends quietly and successfully, so that
+    rank 0's exit is the job's: torchrun's agent stops every worker once one fails, and would
+    otherwise cut rank 0 short as it ends the run and says why.
+    """
+    try:
+        with world.peer_errors():
+            run_id, config = world.follow()
+            prepared = preflight(config, world=world)
+            return TrainOutcome(run_id, run(config, runtime=prepared.runtime, data=prepared.data, world=world))
+    except (MainFailed, NonFiniteLoss, *INTERRUPTS):
+        return None
 
 
 def run_config(client, run_id: str) -> Config:
@@ -188,8 +221,17 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
     return folder
 
 
-def resume(run_id: str, *, client=None, callbacks: Sequence[Callback] = (), console: bool = True) -> TrainOutcome:
-    """Continue run `run_id` from its last checkpoint, in the same MLflow run."""
+def resume(run_id: str, *, client=None, callbacks: Sequence[Callback] = (), console: bool = True,
+           on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
+    """Continue run `run_id` from its last checkpoint, in the same MLflow run (`on_created(run_id)`
+    once it is reopened). In a distributed job every rank calls it; rank 0 alone reads the run."""
+    if not world.is_main:
+        return _follow(world)
+    with world.lead() as start:
+        return _resume(run_id, client, callbacks, console, on_created, world, start)
+
+
+def _resume(run_id: str, client, callbacks, console: bool, on_created, world: World, start) -> TrainOutcome:
     client = client or get_client()
     info = get_run(client, run_id).info
     run_id = info.run_id  # the full id, when given a prefix
@@ -207,12 +249,15 @@ def resume(run_id: str, *, client=None, callbacks: Sequence[Callback] = (), cons
     if done >= config.train.num_epochs or info.status == "FINISHED":
         raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
                           "nothing to resume")
-    prepared = preflight(config)
+    prepared = preflight(config, world=world)
     require_writable(client, info.artifact_uri)
-    with write_failures(client), tracked_run(client, "", resume_run_id=run_id):
+    with write_failures(client), tracked_run(client, "", resume_run_id=run_id), world.peer_errors():
+        if on_created is not None:
+            on_created(run_id)
+        start(run_id, config)
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
         result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root,
-                     resume_from=folder)
+                     resume_from=folder, world=world)
     return TrainOutcome(run_id, result)

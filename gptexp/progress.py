@@ -29,8 +29,13 @@ class ConsoleProgress(Callback):
         self.num_epochs = event.config.train.num_epochs
         rt = event.runtime
         what = f"resuming after epoch {event.start_epoch:d}" if event.resumed else "training"
+        where = f"{rt.device} {rt.precision}, {rt.threads} threads"
+        if event.placement.world_size > 1:
+            p = event.placement
+            where = (f"{p.world_size} processes ({p.backend}, {p.devices_summary()}, {p.nodes} machine(s)), "
+                     f"{rt.precision}, {rt.threads} threads each")
         self._write(f"{what}: {event.model.num_parameters():,} parameters, impl {event.config.model.impl}, "
-                    f"{rt.device} {rt.precision}, {rt.threads} threads, {self.steps_per_epoch} steps/epoch")
+                    f"{where}, {self.steps_per_epoch} steps/epoch")
 
     def on_step(self, event: StepEvent) -> None:
         if not self.bars:

@@ -11,6 +11,11 @@ both splits, a sample, the best epoch so far, then a checkpoint.
 
 The loop knows nothing of MLflow, Optuna or the console: it emits events to subscribers
 (`Callback`). A subscriber stops a run early by raising `StopTraining` (pruning does).
+
+The same loop runs on every process of a distributed job (`runtime.world`, gptexp.distributed):
+each step takes this rank's share of the book's batch, DDP averages the gradients, and losses and
+token counts are summed over the ranks, so every event carries the single-process numbers. Rank 0
+alone samples and writes checkpoints; subscribers are given to it alone (gptexp.jobs).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from . import checkpoint as ckpt
 from . import interrupts
 from .config import Config
 from .data import Splits
+from .distributed import SINGLE, Placement, World
 from .errors import INTERRUPTS, first_line
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
@@ -106,6 +112,7 @@ class StartEvent:
     total_steps: int
     start_epoch: int  # epochs already done (a resumed run)
     resumed: bool
+    placement: Placement  # the processes and devices of the job
 
 
 @dataclass(frozen=True)
@@ -198,21 +205,32 @@ class TrainedEpoch:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
                target_batch: torch.Tensor, runtime: Runtime, *, step: int = 0,
                forward: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None,
-               clip: GradClip | None = None, epoch: int | None = None) -> float:
+               clip: GradClip | None = None, epoch: int | None = None, accum_steps: int = 1) -> float:
     """One training step on one batch (global step `step`); returns its loss.
 
-    `forward` runs the forward pass (a compiled view of `model`; `model` when None); clipping and
-    the optimizer act on `model`'s parameters, which the view shares. Raises NonFiniteLoss when
-    the loss is NaN or infinite.
+    `forward` runs the forward pass (a compiled view of `model`, DDP in a distributed job; `model`
+    when None); clipping and the optimizer act on `model`'s parameters, which the view shares.
+    The batch goes through in `accum_steps` equal micro-batches, each loss scaled by
+    1/accum_steps, so the gradient is the whole batch's mean loss's. In a distributed job the
+    batch is this rank's share: DDP averages the gradients over the ranks on the last micro-batch,
+    and the loss returned is the global batch's; a stop asked of any rank is raised here on all.
+    Raises NonFiniteLoss when the loss is NaN or infinite (on every rank: the loss is global).
     """
+    forward = model if forward is None else forward
+    world = runtime.world
     optimizer.zero_grad(set_to_none=True)
-    with runtime.autocast():
-        loss = calc_loss_batch(input_batch, target_batch, model if forward is None else forward, runtime.device)
+    losses = []
+    pieces = zip(input_batch.chunk(accum_steps), target_batch.chunk(accum_steps))
+    for i, (inputs, targets) in enumerate(pieces):
+        with world.no_sync(forward, last=i == accum_steps - 1):
+            with runtime.autocast():
+                loss = calc_loss_batch(inputs, targets, forward, runtime.device)
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        losses.append(loss.detach())
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # so that clipping sees the true gradients
-    else:
-        loss.backward()
     if clip is not None and step >= clip.start:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip.max_norm)
     if scaler is not None:
@@ -220,7 +238,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_b
         scaler.update()
     else:
         optimizer.step()
-    value = loss.item()
+    value = world.step_loss(float(sum(losses)))
     if not math.isfinite(value):
         where = f"step {step}" if epoch is None else f"step {step} (epoch {epoch})"
         raise NonFiniteLoss(f"training loss is {value} at {where}: lower train.lr or enable train.grad_clip")
@@ -228,16 +246,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_b
 
 
 def evaluate_model(model, train_loader, val_loader, device, eval_iter, *, precision: str = "fp32",
-                   forward: torch.nn.Module | None = None) -> tuple[float, float]:
+                   forward: torch.nn.Module | None = None, world: World = SINGLE) -> tuple[float, float]:
     """The book's evaluate_model: in eval mode, the mean loss of the first eval_iter batches of each loader.
 
-    `precision` picks the autocast; `forward` runs the batches (a compiled view of `model`).
+    `precision` picks the autocast; `forward` runs the batches (a compiled view of `model`); with a
+    `world` of several processes the loaders yield this rank's shares and the losses are global.
     """
     forward = model if forward is None else forward
     model.eval()
     with torch.inference_mode(), autocast(torch.device(device), precision):
-        train_loss = calc_loss_loader(train_loader, forward, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, forward, device, num_batches=eval_iter)
+        train_loss = calc_loss_loader(train_loader, forward, device, num_batches=eval_iter, world=world)
+        val_loss = calc_loss_loader(val_loader, forward, device, num_batches=eval_iter, world=world)
     model.train()
     return train_loss, val_loss
 
@@ -252,16 +271,18 @@ def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torc
                lr_schedule: Callable[[int], float] | None = None, clip: GradClip | None = None,
                callbacks: Iterable[Callback] = (), epoch_end: Callable[[TrainedEpoch], None] | None = None,
                state: LoopState | None = None, forward: torch.nn.Module | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> LoopState:
+               scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1) -> LoopState:
     """The core: the book's train_model_simple, or appendix D's train_model with a schedule and clipping.
 
     Each step emits a StepEvent, every eval_freq-th global step the book's evaluate_model an
     EvalEvent (to `callbacks`), and each epoch's end calls `epoch_end`. `lr_schedule(step)` sets
     every group's lr before the step (None: the optimizer's lr stays). Continues from `state`
-    (epochs done, last step: a resumed run), updates it in place and returns it.
+    (epochs done, last step: a resumed run), updates it in place and returns it. In a distributed
+    job (`runtime.world`) the loaders yield this rank's shares (World.shard) and tokens count all ranks.
     """
     callbacks = list(callbacks)
     state = LoopState() if state is None else state
+    world = runtime.world
     for epoch in range(state.epoch + 1, num_epochs + 1):
         model.train()
         train_seconds, epoch_tokens = 0.0, 0
@@ -275,15 +296,15 @@ def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torc
                     group["lr"] = lr
             lr = optimizer.param_groups[0]["lr"]
             loss = train_step(model, optimizer, input_batch, target_batch, runtime, step=step, forward=forward,
-                              scaler=scaler, clip=clip, epoch=epoch)
+                              scaler=scaler, clip=clip, epoch=epoch, accum_steps=accum_steps)
             state.global_step = step
-            state.tokens_seen += input_batch.numel()
-            epoch_tokens += input_batch.numel()
+            state.tokens_seen += input_batch.numel() * world.size
+            epoch_tokens += input_batch.numel() * world.size
             _emit(callbacks, "on_step", StepEvent(epoch, step, loss, lr, state.tokens_seen))
             if step % eval_freq == 0:
                 train_seconds += time.perf_counter() - tick
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, runtime.device, eval_iter,
-                                                      precision=runtime.precision, forward=forward)
+                                                      precision=runtime.precision, forward=forward, world=world)
                 _emit(callbacks, "on_eval", EvalEvent(epoch, step, train_loss, val_loss, state.tokens_seen, lr))
                 tick = time.perf_counter()
         train_seconds += time.perf_counter() - tick
@@ -302,12 +323,15 @@ def run(
     data: Splits,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
+    world: World = SINGLE,
 ) -> RunResult:
     """Train `config` on `runtime` and `data` (as jobs.preflight resolved and built them); emit events
     to `callbacks`; checkpoint into `checkpoint_dir`.
 
     Exceptions propagate after `on_end` has told every subscriber how the run ended. A pending
-    Ctrl-C/SIGTERM (gptexp.interrupts) is raised before the run starts and at each step.
+    Ctrl-C/SIGTERM (gptexp.interrupts) is raised before the run starts and at each step. In a
+    distributed job every rank calls it with its `world`; `checkpoint_dir` and `resume_from` are
+    rank 0's, which sends the checkpoint's state to the others.
     """
     interrupts.check()
     callbacks = list(callbacks)
@@ -320,25 +344,29 @@ def run(
     torch.manual_seed(t.seed)
     model = GPTModel(config.model_cfg())
     model.to(runtime.device)
+    if world.rank:
+        # Dropout masks of their own; rank 0 keeps the single-process stream, which draws the shuffle.
+        torch.manual_seed((t.seed + world.rank) % 2**64)
     optimizer = make_optimizer(model, config, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
     state = LoopState()
-    if resume_from is not None:
-        state = _restore(resume_from, model, optimizer, scaler, runtime)
+    saved = world.share(ckpt.load_state(resume_from) if resume_from is not None else None)
+    if saved is not None:
+        state = _restore(resume_from, saved, model, optimizer, scaler, runtime)
         result.best_val_loss, result.best_epoch = state.best_val_loss, state.best_epoch
-    forward = compile_blocks(model) if t.compile else model
+    forward = world.replicate(compile_blocks(model) if t.compile else model, runtime.device)
 
     total_steps = len(data.train_loader) * t.num_epochs
     _emit(callbacks, "on_start", StartEvent(config, runtime, model, data, total_steps, state.epoch,
-                                            resume_from is not None))
+                                            saved is not None, world.placement(runtime.device)))
     epoch_end = _RunEpochEnd(config, runtime, model, data, optimizer, scaler, state, result, callbacks,
                              checkpoint_dir)
     try:
-        train_loop(model, data.train_loader, data.val_loader, optimizer, runtime, t.num_epochs, t.eval_freq,
-                   t.eval_iter, lr_schedule=lambda step: lr_at(step, total_steps, t),
+        train_loop(model, world.shard(data.train_loader), world.shard(data.val_loader), optimizer, runtime,
+                   t.num_epochs, t.eval_freq, t.eval_iter, lr_schedule=lambda step: lr_at(step, total_steps, t),
                    clip=None if t.grad_clip is None else GradClip(t.grad_clip, start=t.warmup_steps),
                    callbacks=[_EvalRecorder(result), *callbacks], epoch_end=epoch_end, state=state,
-                   forward=forward, scaler=scaler)
+                   forward=forward, scaler=scaler, accum_steps=t.grad_accum_steps)
     except StopTraining as exc:
         result.status = exc.status
         _emit(callbacks, "on_end", EndEvent(exc.status, exc, len(result.epochs), state.global_step))
@@ -364,7 +392,7 @@ class _EvalRecorder(Callback):
 @dataclass
 class _RunEpochEnd:
     """`run`'s epoch end, plugged into the core: a token-weighted evaluation of both whole splits,
-    a greedy sample, the best epoch so far, then a checkpoint."""
+    a greedy sample, the best epoch so far, then a checkpoint (rank 0's, holding every rank's RNG)."""
 
     config: Config
     runtime: Runtime
@@ -385,30 +413,34 @@ class _RunEpochEnd:
             self.state.best_val_loss, self.state.best_epoch = event.val_loss, event.epoch
             self.result.best_val_loss, self.result.best_epoch = event.val_loss, event.epoch
         _emit(self.callbacks, "on_epoch_end", event)
-        if self.checkpoint_dir is not None and self.config.checkpoint.keep != "none":
+        if self.config.checkpoint.keep == "none":
+            return
+        rngs = self.runtime.world.all_gather(_rng_state(self.runtime))
+        if self.checkpoint_dir is not None:
             saved = _save(self.checkpoint_dir, self.config, self.model, self.optimizer, self.scaler, self.state,
-                          self.runtime, is_best)
+                          rngs, is_best)
             _emit(self.callbacks, "on_checkpoint", saved)
 
 
 def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, trained: TrainedEpoch) -> EpochEvent:
     epoch, global_step = trained.epoch, trained.global_step
-    ctx, bs = config.model.context_length, config.train.eval_batch_size
+    ctx, bs, world = config.model.context_length, config.train.eval_batch_size, runtime.world
     with runtime.autocast():
-        train = evaluate_split(model, data.train_ids, ctx, runtime.device, bs, name="train split")
-        val = evaluate_split(model, data.val_ids, ctx, runtime.device, bs, name="validation split")
+        train = evaluate_split(model, data.train_ids, ctx, runtime.device, bs, name="train split", world=world)
+        val = evaluate_split(model, data.val_ids, ctx, runtime.device, bs, name="validation split", world=world)
     for name, value in (("train", train.loss), ("validation", val.loss)):
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{name} loss is {value} after epoch {epoch} (step {global_step}): "
                                 "lower train.lr or enable train.grad_clip")
-    prompt = config.sample.start_context
-    model.eval()
-    idx = text_to_token_ids(prompt, data.tokenizer).to(runtime.device)
-    with runtime.autocast():
-        # Greedy, as the book's generate_and_print_sample; the KV cache (fast) gives the same tokens.
-        out = generate(model, idx, config.sample.max_new_tokens, context_size=ctx)
-    model.train()
-    completion = token_ids_to_text(out[:, idx.shape[1]:], data.tokenizer)
+    prompt, completion = config.sample.start_context, ""
+    if world.is_main:  # the sample is for the record, which rank 0 keeps
+        model.eval()
+        idx = text_to_token_ids(prompt, data.tokenizer).to(runtime.device)
+        with runtime.autocast():
+            # Greedy, as the book's generate_and_print_sample; the KV cache (fast) gives the same tokens.
+            out = generate(model, idx, config.sample.max_new_tokens, context_size=ctx)
+        model.train()
+        completion = token_ids_to_text(out[:, idx.shape[1]:], data.tokenizer)
     return EpochEvent(epoch, global_step, train.loss, val.loss, trained.tokens_seen, trained.tokens_per_sec,
                       trained.seconds, completion, prompt)
 
@@ -420,9 +452,12 @@ def _rng_state(runtime: Runtime) -> dict:
     return state
 
 
-def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState, runtime: Runtime,
+def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState, rngs: list[dict],
           is_best: bool) -> CheckpointEvent:
-    state = dict(loop.to_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(runtime))
+    """`rngs`: every rank's generators, rank 0's first (also as `rng`, all a single process has)."""
+    state = dict(loop.to_dict(), optimizer=optimizer.state_dict(), rng=rngs[0])
+    if len(rngs) > 1:
+        state["rng_ranks"] = rngs
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     folder = ckpt.save_checkpoint(root, loop.epoch, model, state, config.to_yaml())
@@ -436,18 +471,24 @@ def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState,
     return CheckpointEvent(loop.epoch, folder, root, is_best, removed)
 
 
-def _restore(folder: Path, model, optimizer, scaler, runtime: Runtime) -> LoopState:
-    state = ckpt.load_state(folder)
+def _restore(folder: Path | None, state: dict, model, optimizer, scaler, runtime: Runtime) -> LoopState:
+    """Continue from a checkpoint's `state` (ckpt.load_state). `folder` is None on the ranks other
+    than 0: DDP gives them rank 0's weights. Each rank takes its own generators back; a rank the
+    checkpoint did not have (a larger world) keeps its fresh seed."""
+    world = runtime.world
     try:
-        model.load_state_dict(ckpt.load_weights(folder), strict=True)
+        if folder is not None:
+            model.load_state_dict(ckpt.load_weights(folder), strict=True)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and runtime.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if world.rank < len(rngs):
+            torch.set_rng_state(rngs[world.rank]["torch"])
+            if "cuda" in rngs[world.rank] and runtime.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[world.rank]["cuda"], runtime.device)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
-        raise ckpt.CheckpointError(f"checkpoint {folder} does not fit this run's model and optimizer "
+        raise ckpt.CheckpointError(f"checkpoint {folder or 'of rank 0'} does not fit this run's model and optimizer "
                                    f"({first_line(exc)}): use another") from None
     return LoopState.from_dict(state)  # the loop's fields sit flat beside optimizer and rng

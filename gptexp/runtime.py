@@ -1,4 +1,4 @@
-"""Where and how a job computes: device, precision (autocast), threads."""
+"""Where and how a job computes: device, precision (autocast), threads, and with which other processes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import SINGLE, World
 from .errors import GptexpError
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda > mps > cpu; an explicit device must exist."""
+def resolve_device(name: str, world: World = SINGLE) -> torch.device:
+    """'auto' -> cuda > mps > cpu; an explicit device must exist. In a job of several processes
+    'auto' and 'cuda' mean this process's GPU, cuda:LOCAL_RANK."""
+    if world.size > 1:
+        return _rank_device(name, world)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,6 +29,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise GptexpError("train.device is mps but MPS is not available here: use train.device=auto or cpu")
     return torch.device(name)
+
+
+def _rank_device(name: str, world: World) -> torch.device:
+    if name == "mps" or name.startswith("cuda:"):
+        raise GptexpError(f"train.device is {name} but the job has {world.size} processes: use auto, cuda (each "
+                          "process takes cuda:LOCAL_RANK) or cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise GptexpError(f"train.device is {name} but CUDA is not available here: use train.device=auto or cpu")
+    count = torch.cuda.device_count()
+    if world.local_size > count:
+        raise GptexpError(f"{world.local_size} processes on this machine but {count} GPU(s): start at most {count} "
+                          "per machine (torchrun --nproc-per-node, gptexp train --nproc) or use train.device=cpu")
+    return torch.device("cuda", world.local_rank)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -81,6 +100,7 @@ class Runtime:
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     threads: int  # torch intra-op threads
+    world: World = SINGLE  # the processes of the job (gptexp.distributed)
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -90,9 +110,11 @@ class Runtime:
         torch.set_num_threads(self.threads)
 
 
-def resolve_runtime(device: str, precision: str, threads: int) -> Runtime:
-    """A config's train.device, train.precision and train.threads (0: one per physical core), checked.
+def resolve_runtime(device: str, precision: str, threads: int, world: World = SINGLE) -> Runtime:
+    """A config's train.device, train.precision and train.threads, checked. Threads 0: the physical
+    cores shared among the job's processes on this machine.
 
     Sets nothing: jobs resolve once, before a run exists, and the runner applies it (use_threads)."""
-    dev = resolve_device(device)
-    return Runtime(dev, resolve_precision(precision, dev), threads or physical_cores())
+    dev = resolve_device(device, world)
+    return Runtime(dev, resolve_precision(precision, dev), threads or max(1, physical_cores() // world.local_size),
+                   world)

@@ -48,6 +48,11 @@ TAG_THREADS = "gptexp.threads"
 TAG_CPU = "gptexp.cpu"
 TAG_GPU = "gptexp.gpu"
 TAG_PLATFORM = "gptexp.platform"
+# The processes of the job (gptexp.distributed): 1 and none for a single process.
+TAG_WORLD_SIZE = "gptexp.world_size"
+TAG_BACKEND = "gptexp.backend"  # gloo, nccl or none
+TAG_NODES = "gptexp.nodes"  # machines
+TAG_DEVICES = "gptexp.devices"  # each device with its number of ranks, e.g. "cpu x2"
 TAG_COMMAND = "gptexp.command"  # the command line, passwords redacted
 
 # `gptexp eval`: the checkpoint it evaluated and, when given by run, that run.

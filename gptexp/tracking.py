@@ -31,15 +31,19 @@ from .runner import Callback, CheckpointEvent, EpochEvent, EvalEvent, StartEvent
 from .tags import (
     MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
+    TAG_BACKEND,
     TAG_CORPUS,
     TAG_CORPUS_SHA256,
+    TAG_DEVICES,
     TAG_ERROR,
     TAG_GIT_DIRTY,
     TAG_IMPL,
+    TAG_NODES,
     TAG_NUM_PARAMETERS,
     TAG_RESUMED_FROM_EPOCH,
     TAG_STATUS,
     TAG_STOP,
+    TAG_WORLD_SIZE,
 )
 
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
@@ -306,6 +310,15 @@ def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, 
     return run.info.run_id
 
 
+def end_if_running(client, run_id: str, status: str, tags: dict) -> bool:
+    """End `run_id` with `status` and `tags` if it is still RUNNING (its process died without ending
+    it); whether it was. For launchers that outlive their workers (gptexp.launch)."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    _end(client, run_id, status, tags)
+    return True
+
+
 def _end(client, run_id: str, status: str, tags: dict) -> None:
     # A store that fails here must not hide the exception that ended the run.
     with contextlib.suppress(Exception):
@@ -363,6 +376,10 @@ class MlflowLogger(Callback):
             TAG_CORPUS: redact(event.data.corpus.name),
             TAG_CORPUS_SHA256: event.data.corpus.sha256,
             TAG_GIT_DIRTY: str(git.dirty).lower(),
+            TAG_WORLD_SIZE: str(event.placement.world_size),
+            TAG_BACKEND: event.placement.backend,
+            TAG_NODES: str(event.placement.nodes),
+            TAG_DEVICES: event.placement.devices_summary(),
         })
         if git.commit:
             tags[MLFLOW_GIT_COMMIT] = git.commit
