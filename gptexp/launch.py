@@ -29,7 +29,7 @@ from .errors import INTERRUPTS, GptexpError
 
 # Where rank 0 writes its MLflow run id, so that the launcher can end the run if rank 0 cannot.
 RUN_ID_FILE_ENV = "GPTEXP_RUN_ID_FILE"
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 def record_run_id(run_id: str) -> None:
