@@ -223,9 +223,10 @@ def cmd_train(args) -> int:
         if args.resume:
             outcome = jobs.resume(args.resume, on_created=record_run_id, world=world)
         else:
+            assert config is not None  # loaded above whenever there is no --resume
             outcome = jobs.train(config, experiment=args.experiment, run_name=args.run_name,
                                  on_created=record_run_id, world=world)
-    if not world.is_main:
+    if outcome is None or not world.is_main:  # rank 0 reports the job
         return 0
     last = outcome.result.epochs[-1] if outcome.result.epochs else None
     summary = f"run {outcome.run_id} finished"

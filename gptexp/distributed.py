@@ -193,14 +193,15 @@ class World:
         # keyword for that was renamed in torch 2.13 (the init-time sync stays either way).
         keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
             DistributedDataParallel).parameters else "broadcast_buffers"
+        options: dict[str, Any] = {keyword: False}
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                       process_group=self.group, **{keyword: False})
+                                       process_group=self.group, **options)
 
     def no_sync(self, module: torch.nn.Module, last: bool):
         """The context for one micro-batch: gradients are averaged over the ranks on the last only."""
         if self.size == 1 or last:
             return contextlib.nullcontext()
-        return module.no_sync()
+        return module.no_sync()  # type: ignore[operator]  # DDP's context, which nn.Module does not declare
 
     def placement(self, device: torch.device) -> Placement:
         """Where every rank computes (collective)."""
@@ -290,8 +291,8 @@ class ShardedLoader:
     """
 
     def __init__(self, loader: DataLoader, world: World):
-        self.dataset = loader.dataset
-        self.batch_size = loader.batch_size
+        self.dataset: Any = loader.dataset  # a GPTDatasetV1 (sized, with max_length)
+        self.batch_size: int = loader.batch_size or 1
         self.drop_last = loader.drop_last
         self.shuffle = isinstance(loader.sampler, RandomSampler)
         self.world = world
@@ -322,7 +323,7 @@ class ShardedLoader:
         if not indices:
             empty = torch.empty((0, self.dataset.max_length), dtype=torch.long)
             return empty, empty.clone()
-        inputs, targets = zip(*(self.dataset[i] for i in indices))
+        inputs, targets = zip(*(self.dataset[i] for i in indices), strict=True)
         return torch.stack(inputs), torch.stack(targets)
 
 

@@ -112,7 +112,7 @@ def evaluate_split(model, token_ids, context_length: int, device, batch_size: in
     windows = evaluation_windows(len(ids), context_length)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     try:
         with torch.inference_mode():
             full = [s for s, n in windows if n == context_length]

@@ -78,7 +78,8 @@ def launch(nproc: int, worker_argv: list[str], config: Config | None = None) -> 
     except ChildFailedError as exc:
         code, line, ending = _outcome(exc.failures)
     except (SignalException, *INTERRUPTS):
-        code, line, ending = EXIT_INTERRUPTED, "gptexp: interrupted", ("KILLED", "launcher interrupted (Ctrl-C or SIGTERM)")
+        code, line = EXIT_INTERRUPTED, "gptexp: interrupted"
+        ending = ("KILLED", "launcher interrupted (Ctrl-C or SIGTERM)")
     finally:
         os.environ.clear()
         os.environ.update(environ)

@@ -331,6 +331,7 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     outcome = jobs.train(spec.config, run_name=f"reproduce-{spec.name}",
                          tags={TAG_JOB: "reproduce", TAG_EXPERIMENT_SPEC: spec.name},
                          prepared=prepared, client=client, callbacks=list(callbacks), console=console)
+    assert outcome is not None  # reproduce is one process, the main one
     seconds = time.perf_counter() - tick
     rows = compare(spec, outcome.result)
     result = ReproduceOutcome(spec, outcome.run_id, rows, seconds)

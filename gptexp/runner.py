@@ -220,7 +220,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_b
     world = runtime.world
     optimizer.zero_grad(set_to_none=True)
     losses = []
-    pieces = zip(input_batch.chunk(accum_steps), target_batch.chunk(accum_steps))
+    pieces = zip(input_batch.chunk(accum_steps), target_batch.chunk(accum_steps), strict=True)
     for i, (inputs, targets) in enumerate(pieces):
         with world.no_sync(forward, last=i == accum_steps - 1):
             with runtime.autocast():

@@ -131,6 +131,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
                                  tags=tags, parent_run_id=ctx.parent_run_id,
                                  callbacks=[PruneOnEpoch(trial, spec.objective)], client=client, console=False,
                                  on_created=created)
+            assert outcome is not None  # a trial is one process, the main one
             value = _objective_value(spec, outcome.result.epochs)
             state = "COMPLETE"
         except StopTraining as exc:

@@ -298,8 +298,10 @@ def test_nproc_0_is_one_line_exit_2(capsys):
 
 @pytest.mark.parametrize("args, says", [
     (["--nproc", "3"], "train.batch_size 8 does not split over 3 process(es) x train.grad_accum_steps 1"),
-    (["--nproc", "2", "--set", "train.grad_accum_steps=3"], "train.batch_size 8 is not a multiple of train.grad_accum_steps 3"),
-    (["--nproc", "2", "--set", "train.grad_accum_steps=8"], "does not split over 2 process(es) x train.grad_accum_steps 8"),
+    (["--nproc", "2", "--set", "train.grad_accum_steps=3"],
+     "train.batch_size 8 is not a multiple of train.grad_accum_steps 3"),
+    (["--nproc", "2", "--set", "train.grad_accum_steps=8"],
+     "does not split over 2 process(es) x train.grad_accum_steps 8"),
 ])
 def test_a_launch_whose_batch_does_not_split_is_one_line_exit_2_before_any_process(client, capsys, args, says):
     capsys.readouterr()
