@@ -26,8 +26,9 @@ import gptexp
 BOOK_NAMES: dict[str, tuple[str, ...]] = {
     "ch02": ("GPTDatasetV1", "create_dataloader_v1"),
     "ch04": ("GPTModel", "GPTModelFast", "generate_text_simple"),
-    "ch05": ("generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader"),
-    "appendix_d": (),
+    "ch05": ("generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader",
+             "train_model_simple", "evaluate_model", "generate_and_print_sample", "plot_losses"),
+    "appendix_d": ("train_model",),
 }
 
 
