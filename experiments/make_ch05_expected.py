@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(0)  # one per physical core, as the runner does
     cfg = spec["config"]
     GPT_CONFIG_124M = {
-        "vocab_size": 50257,     # Vocabulary size
-        "context_length": 256,   # Shortened context length (orig: 1024)
-        "emb_dim": 768,          # Embedding dimension
-        "n_heads": 12,           # Number of attention heads
-        "n_layers": 12,          # Number of layers
-        "drop_rate": 0.1,        # Dropout rate
-        "qkv_bias": False,       # Query-key-value bias
+        "vocab_size": 50257,  # Vocabulary size
+        "context_length": 256,  # Shortened context length (orig: 1024)
+        "emb_dim": 768,  # Embedding dimension
+        "n_heads": 12,  # Number of attention heads
+        "n_layers": 12,  # Number of layers
+        "drop_rate": 0.1,  # Dropout rate
+        "qkv_bias": False,  # Query-key-value bias
     }
     # The spec's config must be the book's: refuse to record numbers for anything else.
     assert {k: cfg["model"][k] for k in GPT_CONFIG_124M} == GPT_CONFIG_124M, cfg["model"]
@@ -94,11 +94,23 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(123)
     train_loader = create_dataloader_v1(
-        train_data, batch_size=2, max_length=GPT_CONFIG_124M["context_length"],
-        stride=GPT_CONFIG_124M["context_length"], drop_last=True, shuffle=True, num_workers=0)
+        train_data,
+        batch_size=2,
+        max_length=GPT_CONFIG_124M["context_length"],
+        stride=GPT_CONFIG_124M["context_length"],
+        drop_last=True,
+        shuffle=True,
+        num_workers=0,
+    )
     val_loader = create_dataloader_v1(
-        val_data, batch_size=2, max_length=GPT_CONFIG_124M["context_length"],
-        stride=GPT_CONFIG_124M["context_length"], drop_last=False, shuffle=False, num_workers=0)
+        val_data,
+        batch_size=2,
+        max_length=GPT_CONFIG_124M["context_length"],
+        stride=GPT_CONFIG_124M["context_length"],
+        drop_last=False,
+        shuffle=False,
+        num_workers=0,
+    )
 
     device = torch.device("cpu")
     torch.manual_seed(123)
@@ -110,32 +122,52 @@ def main(argv: list[str] | None = None) -> int:
     tee = _Tee(sys.stdout)
     with contextlib.redirect_stdout(tee):
         train_losses, val_losses, tokens_seen = train_model_simple(
-            model, train_loader, val_loader, optimizer, device,
-            num_epochs=num_epochs, eval_freq=5, eval_iter=5,
-            start_context=start_context, tokenizer=tokenizer)
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            device,
+            num_epochs=num_epochs,
+            eval_freq=5,
+            eval_iter=5,
+            start_context=start_context,
+            tokenizer=tokenizer,
+        )
     # --- end of the book's code ---
     seconds = time.perf_counter() - tick
 
     # The last sample train_model_simple printed (newlines shown as spaces), regenerated in full.
     model.eval()
     with torch.no_grad():
-        ids = generate_text_simple(model, text_to_token_ids(start_context, tokenizer).to(device),
-                                   max_new_tokens=50, context_size=GPT_CONFIG_124M["context_length"])
+        ids = generate_text_simple(
+            model,
+            text_to_token_ids(start_context, tokenizer).to(device),
+            max_new_tokens=50,
+            context_size=GPT_CONFIG_124M["context_length"],
+        )
     sample = token_ids_to_text(ids, tokenizer)
     printed = [ln for ln in tee.lines.getvalue().splitlines() if ln.startswith(start_context)]
     assert len(printed) == num_epochs and printed[-1] == sample.replace("\n", " "), (printed[-1:], sample)
 
     steps_per_epoch = len(train_loader)
     points = zip(train_losses, val_losses, tokens_seen, strict=True)
-    evals = [{"step": i * 5, "epoch": i * 5 // steps_per_epoch + 1, "train_loss": float(t), "val_loss": float(v),
-              "tokens_seen": int(n)} for i, (t, v, n) in enumerate(points)]
+    evals = [
+        {
+            "step": i * 5,
+            "epoch": i * 5 // steps_per_epoch + 1,
+            "train_loss": float(t),
+            "val_loss": float(v),
+            "tokens_seen": int(n),
+        }
+        for i, (t, v, n) in enumerate(points)
+    ]
     record = {
         "experiment": spec["name"],
         "produced_by": {
             "command": "TIKTOKEN_CACHE_DIR=... GPTEXP_DATA_MIRROR=... "
-                       ".venv/bin/python experiments/make_ch05_expected.py",
+            ".venv/bin/python experiments/make_ch05_expected.py",
             "code": "llms_from_scratch.ch02.create_dataloader_v1, ch04.GPTModel, ch05.train_model_simple, "
-                    "ch04.generate_text_simple",
+            "ch04.generate_text_simple",
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
             "python": platform.python_version(),
             "torch": str(torch.__version__),
@@ -177,10 +209,13 @@ def _plain(value):
 
 
 def write_record(record: dict, path: Path) -> None:
-    header = ("# Expected results of experiments/ch05-verdict.yaml, produced by the book's own package\n"
-              "# (llms-from-scratch) with experiments/make_ch05_expected.py. Do not edit by hand: rerun it.\n")
-    path.write_text(header + yaml.safe_dump(_plain(record), sort_keys=False, allow_unicode=True, width=1000),
-                    encoding="utf-8")
+    header = (
+        "# Expected results of experiments/ch05-verdict.yaml, produced by the book's own package\n"
+        "# (llms-from-scratch) with experiments/make_ch05_expected.py. Do not edit by hand: rerun it.\n"
+    )
+    path.write_text(
+        header + yaml.safe_dump(_plain(record), sort_keys=False, allow_unicode=True, width=1000), encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

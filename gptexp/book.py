@@ -40,8 +40,10 @@ class _BookLog(Callback):
         self.train_losses.append(event.train_loss)
         self.val_losses.append(event.val_loss)
         self.tokens_seen.append(event.tokens_seen)
-        print(f"Ep {event.epoch} ({self.step_word} {event.global_step:06d}): "
-              f"Train loss {event.train_loss:.3f}, Val loss {event.val_loss:.3f}")
+        print(
+            f"Ep {event.epoch} ({self.step_word} {event.global_step:06d}): "
+            f"Train loss {event.train_loss:.3f}, Val loss {event.val_loss:.3f}"
+        )
 
 
 def _fp32(device) -> Runtime:
@@ -49,36 +51,75 @@ def _fp32(device) -> Runtime:
     return Runtime(torch.device(device), "fp32", torch.get_num_threads())
 
 
-def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
-                       eval_freq, eval_iter, start_context, tokenizer):
+def train_model_simple(
+    model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter, start_context, tokenizer
+):
     """Chapter 5's training loop; returns (train_losses, val_losses, track_tokens_seen).
 
     Every eval_freq-th global step (from 0) evaluates the first eval_iter batches of each
     loader and prints them; every epoch ends with a printed greedy sample after start_context.
     """
     log = _BookLog("Step")
-    train_loop(model, train_loader, val_loader, optimizer, _fp32(device), num_epochs, eval_freq, eval_iter,
-               callbacks=[log],
-               epoch_end=lambda _: generate_and_print_sample(model, tokenizer, device, start_context))
+    train_loop(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        _fp32(device),
+        num_epochs,
+        eval_freq,
+        eval_iter,
+        callbacks=[log],
+        epoch_end=lambda _: generate_and_print_sample(model, tokenizer, device, start_context),
+    )
     return log.train_losses, log.val_losses, log.tokens_seen
 
 
-def train_model(model, train_loader, val_loader, optimizer, device,
-                n_epochs, eval_freq, eval_iter, start_context, tokenizer,
-                warmup_steps, initial_lr=3e-05, min_lr=1e-6, orig_book_version=False):
+def train_model(
+    model,
+    train_loader,
+    val_loader,
+    optimizer,
+    device,
+    n_epochs,
+    eval_freq,
+    eval_iter,
+    start_context,
+    tokenizer,
+    warmup_steps,
+    initial_lr=3e-05,
+    min_lr=1e-6,
+    orig_book_version=False,
+):
     """Appendix D's loop: linear warmup from initial_lr to the optimizer's lr, cosine decay to
     min_lr, gradients clipped to norm 1 from step warmup_steps on (after it with
     orig_book_version, as first printed). Returns (train_losses, val_losses, track_tokens_seen,
     track_lrs), the last with every step's learning rate.
     """
-    schedule = TrainConfig(lr=optimizer.param_groups[0]["lr"], warmup_steps=warmup_steps, initial_lr=initial_lr,
-                           min_lr=min_lr, lr_schedule="cosine")
+    schedule = TrainConfig(
+        lr=optimizer.param_groups[0]["lr"],
+        warmup_steps=warmup_steps,
+        initial_lr=initial_lr,
+        min_lr=min_lr,
+        lr_schedule="cosine",
+    )
     total_steps = len(train_loader) * n_epochs
     clip = GradClip(max_norm=1.0, start=warmup_steps + 1 if orig_book_version else warmup_steps)
     log = _BookLog("Iter")
-    train_loop(model, train_loader, val_loader, optimizer, _fp32(device), n_epochs, eval_freq, eval_iter,
-               lr_schedule=lambda step: lr_at(step, total_steps, schedule), clip=clip, callbacks=[log],
-               epoch_end=lambda _: generate_and_print_sample(model, tokenizer, device, start_context))
+    train_loop(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        _fp32(device),
+        n_epochs,
+        eval_freq,
+        eval_iter,
+        lr_schedule=lambda step: lr_at(step, total_steps, schedule),
+        clip=clip,
+        callbacks=[log],
+        epoch_end=lambda _: generate_and_print_sample(model, tokenizer, device, start_context),
+    )
     return log.train_losses, log.val_losses, log.tokens_seen, log.lrs
 
 

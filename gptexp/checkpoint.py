@@ -96,7 +96,7 @@ class _OSErrorKeeper(io.RawIOBase):
         view = memoryview(data).cast("B")
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             self.error = OSError(exc.errno, exc.strerror, str(self.path))
             raise
@@ -135,8 +135,9 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, os.strerror(code), str(path)) from None
 
 
-def save_checkpoint(root: Path, epoch: int, model: torch.nn.Module, state: dict[str, Any],
-                    run_config_yaml: str) -> Path:
+def save_checkpoint(
+    root: Path, epoch: int, model: torch.nn.Module, state: dict[str, Any], run_config_yaml: str
+) -> Path:
     """Write epoch `epoch`'s folder under `root` (atomically); returns its path."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / epoch_dir_name(epoch)
@@ -174,8 +175,9 @@ def read_index(root: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         return {}
-    index: dict[str, Any] = {k: raw[k] for k in ("last", "best")
-                             if isinstance(raw.get(k), str) and _EPOCH_DIR.fullmatch(raw[k])}
+    index: dict[str, Any] = {
+        k: raw[k] for k in ("last", "best") if isinstance(raw.get(k), str) and _EPOCH_DIR.fullmatch(raw[k])
+    }
     if "best" in index:
         loss, epoch = raw.get("best_val_loss"), raw.get("best_epoch")
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -292,12 +294,18 @@ def check_weights(folder: Path, model_cfg: dict) -> None:
     tok, pos = shapes.get("tok_emb.weight", ()), shapes.get("pos_emb.weight", ())
     if len(tok) != 2 or len(pos) != 2:
         raise CheckpointError(f"checkpoint {folder}/{WEIGHTS} holds no GPT embedding weights: use another")
-    implied = {"vocab_size": tok[0], "emb_dim": tok[1], "context_length": pos[0],
-               "n_layers": len({m.group(1) for k in shapes if (m := _LAYER_KEY.match(k))})}
+    implied = {
+        "vocab_size": tok[0],
+        "emb_dim": tok[1],
+        "context_length": pos[0],
+        "n_layers": len({m.group(1) for k in shapes if (m := _LAYER_KEY.match(k))}),
+    }
     for key, value in implied.items():
         if model_cfg[key] != value:
-            raise CheckpointError(f"checkpoint {folder} weights do not fit its model config "
-                                  f"({key} {model_cfg[key]} in {MODEL_CONFIG}, {value} in {WEIGHTS}): use another")
+            raise CheckpointError(
+                f"checkpoint {folder} weights do not fit its model config "
+                f"({key} {model_cfg[key]} in {MODEL_CONFIG}, {value} in {WEIGHTS}): use another"
+            )
     from .model import GPTModel
 
     with torch.device("meta"):
@@ -306,8 +314,10 @@ def check_weights(folder: Path, model_cfg: dict) -> None:
         if want.get(key) != shapes.get(key):
             got = "missing" if key not in shapes else f"shape {shapes[key]}"
             expected = "no such tensor" if key not in want else f"shape {want[key]}"
-            raise CheckpointError(f"checkpoint {folder} weights do not fit its model config "
-                                  f"({key}: {got} in {WEIGHTS}, {expected} in {MODEL_CONFIG}): use another")
+            raise CheckpointError(
+                f"checkpoint {folder} weights do not fit its model config "
+                f"({key}: {got} in {WEIGHTS}, {expected} in {MODEL_CONFIG}): use another"
+            )
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -348,8 +358,10 @@ def load_state(folder: Path) -> dict[str, Any]:
         # torch's own text advises weights_only=False, i.e. running the file's code: never relay it.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"a {found.group(1)} object" if found else "objects"
-        raise CheckpointError(f"checkpoint {path} is not a gptexp training state (it holds {what}, "
-                              "which gptexp never saves, and is not loaded): use another") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a gptexp training state (it holds {what}, "
+            "which gptexp never saves, and is not loaded): use another"
+        ) from None
     except Exception as exc:  # torch.load raises many error types on a corrupt file
         detail = first_line(exc)
         if "weights_only" in detail:
@@ -374,11 +386,13 @@ def _state_problem(state: Any) -> str | None:
     if state["epoch"] < 1:
         return f"epoch {state['epoch']}"
     optimizer = state.get("optimizer")
-    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
-            and isinstance(optimizer.get("param_groups"), list)):
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
         return "no optimizer state"
     rng = state.get("rng")
     if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8):
         return "no random generator state"
     return None
-

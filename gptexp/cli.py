@@ -48,6 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_in(low: int, high: int):
     """An argparse type: an integer written in digits, from low to high."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -83,22 +84,30 @@ def _seconds(text: str) -> float:
 
 def _prompt(text: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError("is empty or blank: give the text to continue, "
-                                         "e.g. --prompt 'Every effort moves you'")
+        raise argparse.ArgumentTypeError(
+            "is empty or blank: give the text to continue, e.g. --prompt 'Every effort moves you'"
+        )
     return text
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (repeatable); the value is read as a YAML scalar")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable); the value is read as a YAML scalar",
+    )
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_ID", help="an MLflow run made by gptexp train")
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint folder (or a run's checkpoints/ folder)")
-    p.add_argument("--which", choices=("last", "best"), default="last",
-                   help="with --run: which checkpoint (default last)")
+    p.add_argument(
+        "--which", choices=("last", "best"), default="last", help="with --run: which checkpoint (default last)"
+    )
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,11 +116,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
     p.add_argument("--run-name", metavar="NAME", help="MLflow run name")
     _add_set(p)
-    p.add_argument("--nproc", type=_int_in(1, 1024), metavar="N",
-                   help="train on N processes of this machine (torchrun's engine, DDP; one per GPU on CUDA); "
-                        "train.batch_size stays the global batch")
-    p.add_argument("--join-timeout", type=_seconds, default=300.0, metavar="SECONDS",
-                   help="under torchrun: how long a process waits for the others to join (default 300)")
+    p.add_argument(
+        "--nproc",
+        type=_int_in(1, 1024),
+        metavar="N",
+        help="train on N processes of this machine (torchrun's engine, DDP; one per GPU on CUDA); "
+        "train.batch_size stays the global batch",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others to join (default 300)",
+    )
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,8 +142,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     _add_source(p)
     p.add_argument("--prompt", required=True, type=_prompt, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_int_in(0, MAX_NEW_TOKENS), default=50, metavar="N")
-    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
-                   help=f"0 = greedy (default), else from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        metavar="T",
+        help=f"0 = greedy (default), else from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}",
+    )
     p.add_argument("--top-k", type=_int_in(1, 2**31 - 1), default=None, metavar="K")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=123, metavar="S")
 
@@ -142,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gptexp",
         description="Pretrain GPT-2-style models as in chapter 5 of 'Build a Large Language Model (From Scratch)', "
-                    "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
+        "every job an MLflow run (store: $MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
@@ -175,8 +198,10 @@ def _main(argv: list[str] | None) -> int:
 
     try:
         if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-            raise GptexpError(f"gptexp {args.command} runs as one process, not under torchrun (WORLD_SIZE is "
-                              f"{os.environ['WORLD_SIZE']}): only gptexp train spans processes")
+            raise GptexpError(
+                f"gptexp {args.command} runs as one process, not under torchrun (WORLD_SIZE is "
+                f"{os.environ['WORLD_SIZE']}): only gptexp train spans processes"
+            )
         return args.func(args)
     except GptexpError as exc:
         # Messages quote storage URLs and driver errors, which may hold passwords.
@@ -224,8 +249,9 @@ def cmd_train(args) -> int:
             outcome = jobs.resume(args.resume, on_created=record_run_id, world=world)
         else:
             assert config is not None  # loaded above whenever there is no --resume
-            outcome = jobs.train(config, experiment=args.experiment, run_name=args.run_name,
-                                 on_created=record_run_id, world=world)
+            outcome = jobs.train(
+                config, experiment=args.experiment, run_name=args.run_name, on_created=record_run_id, world=world
+            )
     if outcome is None or not world.is_main:  # rank 0 reports the job
         return 0
     last = outcome.result.epochs[-1] if outcome.result.epochs else None
@@ -239,8 +265,12 @@ def cmd_train(args) -> int:
 def _worker_argv(args) -> list[str]:
     """The `gptexp train` command line of each worker `--nproc` starts (without --nproc)."""
     argv = ["train"]
-    for flag, value in (("--config", args.config), ("--resume", args.resume), ("--experiment", args.experiment),
-                        ("--run-name", args.run_name)):
+    for flag, value in (
+        ("--config", args.config),
+        ("--resume", args.resume),
+        ("--experiment", args.experiment),
+        ("--run-name", args.run_name),
+    ):
         if value is not None:
             argv += [flag, value]
     for item in args.overrides:
@@ -277,11 +307,18 @@ def cmd_eval(args) -> int:
     model.to(rt.device)
     ctx, bs = config.model.context_length, config.train.eval_batch_size
     with rt.autocast():
-        rows = [("train", evaluate_split(model, data.train_ids, ctx, rt.device, bs, name="train split")),
-                ("validation", evaluate_split(model, data.val_ids, ctx, rt.device, bs, name="validation split"))]
+        rows = [
+            ("train", evaluate_split(model, data.train_ids, ctx, rt.device, bs, name="train split")),
+            ("validation", evaluate_split(model, data.val_ids, ctx, rt.device, bs, name="validation split")),
+        ]
     print(f"{source} on {data.corpus.name} ({rt.device}, {rt.precision})")
-    print(aligned(("split", "loss", "ppl", "tokens"),
-                  [(name, f"{r.loss:.4f}", f"{r.ppl:.2f}", str(r.tokens)) for name, r in rows], right={1, 2, 3}))
+    print(
+        aligned(
+            ("split", "loss", "ppl", "tokens"),
+            [(name, f"{r.loss:.4f}", f"{r.ppl:.2f}", str(r.tokens)) for name, r in rows],
+            right={1, 2, 3},
+        )
+    )
     if not args.no_track:
         _track_eval(config, args, folder, data, rows)
     return 0
@@ -292,8 +329,10 @@ def _track_eval(config, args, folder, data, rows) -> None:
     tags = {TAG_JOB: "eval", TAG_CHECKPOINT: str(folder), TAG_CORPUS_SHA256: data.corpus.sha256}
     if args.run:
         tags[TAG_SOURCE_RUN] = args.run
-    with write_failures(client), \
-            tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id:
+    with (
+        write_failures(client),
+        tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id,
+    ):
         log_flat_params(client, run_id, run_params(config))
         values = {}
         for name, r in rows:
@@ -308,8 +347,14 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     idx = text_to_token_ids(args.prompt, tokenizer)
     top_k = min(args.top_k, config.model.vocab_size) if args.top_k else None
-    out = generate(model, idx, args.max_new_tokens, context_size=config.model.context_length,
-                   temperature=args.temperature, top_k=top_k)
+    out = generate(
+        model,
+        idx,
+        args.max_new_tokens,
+        context_size=config.model.context_length,
+        temperature=args.temperature,
+        top_k=top_k,
+    )
     print(token_ids_to_text(out, tokenizer))
     return 0
 
@@ -320,18 +365,36 @@ COMMANDS = (
     Command("eval", "loss and perplexity of a checkpoint on both splits", _eval_arguments, cmd_eval),
     Command("generate", "continue a prompt with a trained model", _generate_arguments, cmd_generate),
     Command("sweep", "an Optuna sweep; each trial a nested MLflow run", sweep.add_sweep_arguments, sweep.cmd_sweep),
-    Command("reproduce", "run a named experiment spec and check it against its expected results",
-            reproduce.add_reproduce_arguments, reproduce.cmd_reproduce),
-    Command("rerun", "a new run from a run's recorded config (tagged gptexp.rerun_of)", reproduce.add_rerun_arguments,
-            reproduce.cmd_rerun),
-    Command("report", "a table of runs or of a study's trials, best first", report.add_report_arguments,
-            report.cmd_report),
-    Command("compare", "two runs side by side: differing params, metrics, last samples", report.add_compare_arguments,
-            report.cmd_compare),
-    Command("data", "prepare a corpus: tokenize it into the token cache ahead of training",
-            data_command.add_data_arguments, data_command.cmd_data),
-    Command("bench", "measure gptexp against the book's implementation (JSON + MLflow)", add_bench_arguments,
-            cmd_bench),
+    Command(
+        "reproduce",
+        "run a named experiment spec and check it against its expected results",
+        reproduce.add_reproduce_arguments,
+        reproduce.cmd_reproduce,
+    ),
+    Command(
+        "rerun",
+        "a new run from a run's recorded config (tagged gptexp.rerun_of)",
+        reproduce.add_rerun_arguments,
+        reproduce.cmd_rerun,
+    ),
+    Command(
+        "report", "a table of runs or of a study's trials, best first", report.add_report_arguments, report.cmd_report
+    ),
+    Command(
+        "compare",
+        "two runs side by side: differing params, metrics, last samples",
+        report.add_compare_arguments,
+        report.cmd_compare,
+    ),
+    Command(
+        "data",
+        "prepare a corpus: tokenize it into the token cache ahead of training",
+        data_command.add_data_arguments,
+        data_command.cmd_data,
+    ),
+    Command(
+        "bench", "measure gptexp against the book's implementation (JSON + MLflow)", add_bench_arguments, cmd_bench
+    ),
 )
 
 

@@ -222,8 +222,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             # Past 2**53 a float has dropped digits: 1e23 is not the integer the user wrote.
             if abs(value) > 2**53:
-                raise ConfigError(f"{key} must be an integer written in digits (got {value!r}, "
-                                  "a float too large to be exact)")
+                raise ConfigError(
+                    f"{key} must be an integer written in digits (got {value!r}, a float too large to be exact)"
+                )
             return int(value)
         raise ConfigError(f"{key} must be an integer (got {value!r})")
     if annotation is float:
@@ -268,9 +269,7 @@ def from_dict(raw: Any, *, origin: str = "config") -> Config:
         section = {}
         for key, v in value.items():
             if key not in fields:
-                raise ConfigError(
-                    f"unknown key {name}.{key} in {origin}: {name} takes {', '.join(sorted(fields))}"
-                )
+                raise ConfigError(f"unknown key {name}.{key} in {origin}: {name} takes {', '.join(sorted(fields))}")
             section[key] = _coerce(f"{name}.{key}", v, hints[key])
         kwargs[name] = cls(**section)
     cfg = Config(**kwargs)
@@ -289,22 +288,29 @@ def validate(cfg: Config) -> None:
         value = getattr(m, key)
         _check(value >= 1, f"model.{key} must be at least 1 (got {value})")
     _check(0.0 <= m.drop_rate < 1.0, f"model.drop_rate must be in [0, 1) (got {m.drop_rate})")
-    _check(m.emb_dim % m.n_heads == 0,
-           f"model.emb_dim {m.emb_dim} is not divisible by model.n_heads {m.n_heads}: "
-           "pick n_heads that divides emb_dim")
+    _check(
+        m.emb_dim % m.n_heads == 0,
+        f"model.emb_dim {m.emb_dim} is not divisible by model.n_heads {m.n_heads}: pick n_heads that divides emb_dim",
+    )
     _check(m.impl in IMPLS, f"model.impl must be one of {', '.join(IMPLS)} (got {m.impl!r})")
     _check(bool(d.source.strip()), "data.source is empty: give a registry name, a .txt file or a folder of .txt files")
     _check(0.0 < d.train_ratio < 1.0, f"data.train_ratio must be in (0, 1) (got {d.train_ratio})")
     _check(d.stride is None or d.stride >= 1, f"data.stride must be at least 1 (got {d.stride})")
-    _check(d.stride_fraction is None or 0 < d.stride_fraction <= 1,
-           f"data.stride_fraction must be in (0, 1] (got {d.stride_fraction})")
-    _check(d.stride is None or d.stride_fraction is None,
-           "data.stride and data.stride_fraction are both set: keep one (set the other to null)")
+    _check(
+        d.stride_fraction is None or 0 < d.stride_fraction <= 1,
+        f"data.stride_fraction must be in (0, 1] (got {d.stride_fraction})",
+    )
+    _check(
+        d.stride is None or d.stride_fraction is None,
+        "data.stride and data.stride_fraction are both set: keep one (set the other to null)",
+    )
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1 (got {t.batch_size})")
     _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps must be at least 1 (got {t.grad_accum_steps})")
-    _check(t.batch_size % t.grad_accum_steps == 0,
-           f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum_steps {t.grad_accum_steps}: "
-           "each step's micro-batches must be equal (batch_size / grad_accum_steps windows each)")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size {t.batch_size} is not a multiple of train.grad_accum_steps {t.grad_accum_steps}: "
+        "each step's micro-batches must be equal (batch_size / grad_accum_steps windows each)",
+    )
     _check(t.num_epochs >= 1, f"train.num_epochs must be at least 1 (got {t.num_epochs})")
     for key in ("lr", "initial_lr", "min_lr"):
         value = getattr(t, key)
@@ -314,22 +320,32 @@ def validate(cfg: Config) -> None:
     _check(t.eval_iter >= 1, f"train.eval_iter must be at least 1 (got {t.eval_iter})")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     _check(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null (got {t.grad_clip})")
-    _check(0 <= t.threads <= MAX_THREADS,
-           f"train.threads must be from 0 (one per core) to {MAX_THREADS} (got {t.threads})")
+    _check(
+        0 <= t.threads <= MAX_THREADS, f"train.threads must be from 0 (one per core) to {MAX_THREADS} (got {t.threads})"
+    )
     _check(0 <= t.seed <= MAX_SEED, f"train.seed must be from 0 to 2**64-1, torch's seed range (got {t.seed})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be at least 1 (got {t.eval_batch_size})")
-    _check(t.device in DEVICES or t.device.startswith("cuda:"),
-           f"train.device must be one of {', '.join(DEVICES)} or cuda:N (got {t.device!r})")
+    _check(
+        t.device in DEVICES or t.device.startswith("cuda:"),
+        f"train.device must be one of {', '.join(DEVICES)} or cuda:N (got {t.device!r})",
+    )
     _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
-    _check(t.lr_schedule in LR_SCHEDULES,
-           f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {t.lr_schedule!r})")
-    _check(0 <= cfg.sample.max_new_tokens <= MAX_NEW_TOKENS,
-           f"sample.max_new_tokens must be from 0 to {MAX_NEW_TOKENS} (got {cfg.sample.max_new_tokens})")
-    _check(bool(cfg.sample.start_context.strip()),
-           "sample.start_context is empty or blank: give the text each epoch's sample continues, "
-           "e.g. 'Every effort moves you'")
-    _check(cfg.checkpoint.keep in KEEP,
-           f"checkpoint.keep must be one of {', '.join(KEEP)} (got {cfg.checkpoint.keep!r})")
+    _check(
+        t.lr_schedule in LR_SCHEDULES,
+        f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {t.lr_schedule!r})",
+    )
+    _check(
+        0 <= cfg.sample.max_new_tokens <= MAX_NEW_TOKENS,
+        f"sample.max_new_tokens must be from 0 to {MAX_NEW_TOKENS} (got {cfg.sample.max_new_tokens})",
+    )
+    _check(
+        bool(cfg.sample.start_context.strip()),
+        "sample.start_context is empty or blank: give the text each epoch's sample continues, "
+        "e.g. 'Every effort moves you'",
+    )
+    _check(
+        cfg.checkpoint.keep in KEEP, f"checkpoint.keep must be one of {', '.join(KEEP)} (got {cfg.checkpoint.keep!r})"
+    )
     check_name("experiment", cfg.experiment, MAX_EXPERIMENT_NAME)
 
 

@@ -154,9 +154,7 @@ def resolve_registry_file(
         actual = _sha256_file(target)
         if actual == entry.sha256:
             return target
-        stale = (
-            f"{target} has sha256 {actual} but the registry expects {entry.sha256}, so it was not used; delete it. "
-        )
+        stale = f"{target} has sha256 {actual} but the registry expects {entry.sha256}, so it was not used; delete it. "
 
     if isinstance(mirror, _FromEnv):
         mirror = os.environ.get(MIRROR_ENV) or None
@@ -182,8 +180,9 @@ def resolve_registry_file(
         raise  # a wrong checksum already says what is wrong; the ValueError clause below must not re-wrap it
     # URLError, HTTPError and timeouts are all OSError; a truncated response is an HTTPException.
     except (OSError, http.client.HTTPException, ValueError) as e:
-        raise CorpusError(f"{offline} (download from {entry.url} failed: "
-                          f"{_collapse_whitespace(e)}{mirror_note})") from None
+        raise CorpusError(
+            f"{offline} (download from {entry.url} failed: {_collapse_whitespace(e)}{mirror_note})"
+        ) from None
     return target
 
 
@@ -206,8 +205,13 @@ def _size(n: int) -> str:
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"
@@ -229,8 +233,10 @@ def open_corpus_file(path: Path) -> BinaryIO:
     """
     mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is /dev/zero
     if not stat.S_ISREG(mode):
-        raise CorpusError(f"corpus file {path} is {_kind(mode)}: only regular files (and folders of .txt files) "
-                          "are corpora; give a text file")
+        raise CorpusError(
+            f"corpus file {path} is {_kind(mode)}: only regular files (and folders of .txt files) "
+            "are corpora; give a text file"
+        )
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     f = os.fdopen(fd, "rb")
     mode = os.fstat(f.fileno()).st_mode
@@ -305,8 +311,10 @@ def _folder_files(path: Path) -> tuple[Path, ...]:
         if stat.S_ISDIR(mode):
             continue  # subfolders are not searched, whatever their name
         if not stat.S_ISREG(mode):
-            raise CorpusError(f"{p} in corpus folder {path} is {_kind(mode)}: a corpus folder may only hold "
-                              "regular .txt files; remove it or rename it")
+            raise CorpusError(
+                f"{p} in corpus folder {path} is {_kind(mode)}: a corpus folder may only hold "
+                "regular .txt files; remove it or rename it"
+            )
         files.append(p)
     if not files:
         raise CorpusError(f"folder {path} holds no .txt files (subfolders are not searched); add some")
@@ -324,8 +332,7 @@ def _read_folder(path: Path, files: tuple[Path, ...]) -> str:
     return DOC_SEPARATOR.join(texts)
 
 
-def corpus_files(source: str | os.PathLike[str], data_dir: Path | None = None,
-                 **resolve_kwargs) -> tuple[Path, ...]:
+def corpus_files(source: str | os.PathLike[str], data_dir: Path | None = None, **resolve_kwargs) -> tuple[Path, ...]:
     """The file(s) a source names, in corpus order: a registry corpus's verified file, a text
     file, or a folder's .txt files."""
     path = Path(source)

@@ -78,8 +78,17 @@ def _complete_prefix(data: bytes) -> int:
     if i < 0 or data[i] & 0xC0 == 0x80:
         return end
     lead = data[i]
-    need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else \
-        4 if lead >> 3 == 0b11110 else 1
+    need = (
+        1
+        if lead < 0x80
+        else 2
+        if lead >> 5 == 0b110
+        else 3
+        if lead >> 4 == 0b1110
+        else 4
+        if lead >> 3 == 0b11110
+        else 1
+    )
     return i if end - i < need else end
 
 
@@ -120,16 +129,23 @@ def _open(path: Path) -> BinaryIO:
         raise cannot_read(path, e) from None
 
 
-def scan_corpus(source: str | os.PathLike[str], data_dir: Path | None = None, *,
-                block_bytes: int = BLOCK_BYTES, progress: Callable[[int], None] | None = None,
-                **resolve_kwargs) -> StreamedCorpus:
+def scan_corpus(
+    source: str | os.PathLike[str],
+    data_dir: Path | None = None,
+    *,
+    block_bytes: int = BLOCK_BYTES,
+    progress: Callable[[int], None] | None = None,
+    **resolve_kwargs,
+) -> StreamedCorpus:
     """One read of the corpus `source` (see corpus.corpus_files): its sha256 and length."""
-    return scan_files(str(source), corpus_files(source, data_dir, **resolve_kwargs), block_bytes=block_bytes,
-                      progress=progress)
+    return scan_files(
+        str(source), corpus_files(source, data_dir, **resolve_kwargs), block_bytes=block_bytes, progress=progress
+    )
 
 
-def scan_files(name: str, files: tuple[Path, ...], *, block_bytes: int = BLOCK_BYTES,
-               progress: Callable[[int], None] | None = None) -> StreamedCorpus:
+def scan_files(
+    name: str, files: tuple[Path, ...], *, block_bytes: int = BLOCK_BYTES, progress: Callable[[int], None] | None = None
+) -> StreamedCorpus:
     """One read of `files`, joined as a corpus: its sha256 and length, each file checked as
     load_corpus checks it. `progress(n)` is called with the bytes of each block read."""
     digest = hashlib.sha256()
@@ -176,8 +192,9 @@ def corpus_text(corpus: StreamedCorpus, block_bytes: int = BLOCK_BYTES) -> Itera
             raise _changed(entry.path)
 
 
-def corpus_parts(corpus: StreamedCorpus, split_at: int,
-                 block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, str, bytes]]:
+def corpus_parts(
+    corpus: StreamedCorpus, split_at: int, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[int, str, bytes]]:
     """(part, text, bytes) blocks of the joined text: part 0 is its first `split_at` characters
     (the train text), part 1 the rest (the validation text)."""
     seen = 0
@@ -191,5 +208,5 @@ def corpus_parts(corpus: StreamedCorpus, split_at: int,
             head = text[:k]
             head_raw = head.encode("utf-8")
             yield 0, head, head_raw
-            yield 1, text[k:], raw[len(head_raw):]
+            yield 1, text[k:], raw[len(head_raw) :]
         seen += len(text)

@@ -39,8 +39,13 @@ class Splits:
 def prepare_data(config: Config, data_dir: Path | None = None) -> Splits:
     data_dir = data_dir or default_data_dir()
     tokenizer = get_tokenizer("gpt2")
-    prepared = prepare_corpus(config.data.source, config.data.train_ratio, data_dir, tokenizer=tokenizer,
-                              progress=Progress(min_bytes=PROGRESS_BYTES))
+    prepared = prepare_corpus(
+        config.data.source,
+        config.data.train_ratio,
+        data_dir,
+        tokenizer=tokenizer,
+        progress=Progress(min_bytes=PROGRESS_BYTES),
+    )
     corpus = prepared.corpus
     ctx = config.model.context_length
     ids = {}

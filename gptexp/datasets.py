@@ -108,7 +108,7 @@ class GPTDatasetV1(Dataset):
 
     def tokens_at(self, start: int) -> torch.Tensor:
         """(max_length,) int64 tensor of the tokens from `start`: a copy, never a view of the array."""
-        return torch.from_numpy(self.token_ids[start:start + self.max_length].astype(np.int64))
+        return torch.from_numpy(self.token_ids[start : start + self.max_length].astype(np.int64))
 
 
 class WindowTensors(Sequence):
@@ -127,13 +127,13 @@ class WindowTensors(Sequence):
         return self._dataset.tokens_at(self._dataset.window_start(idx) + self._shift)
 
 
-def make_loader(dataset: GPTDatasetV1, batch_size: int, shuffle: bool, drop_last: bool,
-                num_workers: int = 0, *, name: str = "text") -> DataLoader:
+def make_loader(
+    dataset: GPTDatasetV1, batch_size: int, shuffle: bool, drop_last: bool, num_workers: int = 0, *, name: str = "text"
+) -> DataLoader:
     """The harness's loader: the book's arguments, but it refuses to be empty."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                        num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers)
     if len(loader) == 0:
         raise CorpusError(
             f"{name} gives {len(dataset)} window(s) of {dataset.max_length} tokens, fewer than batch_size "
@@ -142,8 +142,9 @@ def make_loader(dataset: GPTDatasetV1, batch_size: int, shuffle: bool, drop_last
     return loader
 
 
-def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True,
-                         num_workers=0, *, tokenizer=None):
+def create_dataloader_v1(
+    txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True, num_workers=0, *, tokenizer=None
+):
     """The book's loader factory; `tokenizer` defaults to GPT-2's, as in the book.
 
     As the book's, it may be empty (a text shorter than one window, or fewer windows than

@@ -84,11 +84,15 @@ def launch_env(environ=None) -> LaunchEnv | None:
         local_rank = int(environ.get("LOCAL_RANK", str(rank)))
         local_size = int(environ.get("LOCAL_WORLD_SIZE", str(size)))
     except ValueError:
-        raise GptexpError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers: start the "
-                          "processes with torchrun (or gptexp train --nproc N)") from None
+        raise GptexpError(
+            "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers: start the "
+            "processes with torchrun (or gptexp train --nproc N)"
+        ) from None
     if not (size >= 1 and 0 <= rank < size and 0 <= local_rank < local_size <= size):
-        raise GptexpError(f"RANK {rank} / WORLD_SIZE {size} (LOCAL_RANK {local_rank} of {local_size}) is not a "
-                          "place in a job: start the processes with torchrun (or gptexp train --nproc N)")
+        raise GptexpError(
+            f"RANK {rank} / WORLD_SIZE {size} (LOCAL_RANK {local_rank} of {local_size}) is not a "
+            "place in a job: start the processes with torchrun (or gptexp train --nproc N)"
+        )
     if size == 1:
         return None
     address = f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')}"
@@ -102,7 +106,8 @@ def check_batch(train, world_size: int) -> None:
         raise ConfigError(
             f"train.batch_size {train.batch_size} does not split over {world_size} process(es) x "
             f"train.grad_accum_steps {train.grad_accum_steps}: make it a multiple of {parts} (it is the global "
-            f"batch; each process takes batch_size / {world_size} windows a step)")
+            f"batch; each process takes batch_size / {world_size} windows a step)"
+        )
 
 
 @dataclass(frozen=True)
@@ -191,11 +196,15 @@ class World:
 
         # Buffers (the book's causal masks) never change: no broadcast before each forward. The
         # keyword for that was renamed in torch 2.13 (the init-time sync stays either way).
-        keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
-            DistributedDataParallel).parameters else "broadcast_buffers"
+        keyword = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
         options: dict[str, Any] = {keyword: False}
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                       process_group=self.group, **options)
+        return DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.group, **options
+        )
 
     def no_sync(self, module: torch.nn.Module, last: bool):
         """The context for one micro-batch: gradients are averaged over the ranks on the last only."""
@@ -246,8 +255,10 @@ class World:
         except RuntimeError as exc:
             if self.size == 1 or not _is_peer_loss(exc):
                 raise
-            raise PeerLost(f"lost contact with another process of the job ({_gist(exc)}): the launcher's "
-                           "output names the process that stopped") from None
+            raise PeerLost(
+                f"lost contact with another process of the job ({_gist(exc)}): the launcher's "
+                "output names the process that stopped"
+            ) from None
 
 
 SINGLE = World()
@@ -269,8 +280,9 @@ def _is_peer_loss(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                   "gloo", "NCCL"))
+    return any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
+    )
 
 
 def _gist(exc: BaseException) -> str:
@@ -304,8 +316,8 @@ class ShardedLoader:
     def __iter__(self):
         order, b, w = self._order(), self.batch_size, self.world
         for k in range(len(self)):
-            batch = order[k * b:(k + 1) * b]
-            yield self._collate(batch[w.rank * len(batch) // w.size:(w.rank + 1) * len(batch) // w.size])
+            batch = order[k * b : (k + 1) * b]
+            yield self._collate(batch[w.rank * len(batch) // w.size : (w.rank + 1) * len(batch) // w.size])
 
     def _order(self) -> list[int]:
         seed = None
@@ -375,9 +387,11 @@ def _join(env: LaunchEnv, timeout: float) -> World:
             # The training group waits far longer for a slow rank than a process waits to join.
             group = dist.new_group(timeout=COLLECTIVE_TIMEOUT)
     except Exception as exc:  # c10d raises DistNetworkError, DistStoreError, RuntimeError, ValueError...
-        raise JoinError(f"process {env.rank} of {env.size} could not join the job at {env.address} within "
-                        f"{timeout:g} s ({_gist(exc)}): check MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint), "
-                        "that every process can reach it and has started, or raise --join-timeout") from None
+        raise JoinError(
+            f"process {env.rank} of {env.size} could not join the job at {env.address} within "
+            f"{timeout:g} s ({_gist(exc)}): check MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint), "
+            "that every process can reach it and has started, or raise --join-timeout"
+        ) from None
     return World(env.rank, env.size, env.local_rank, env.local_size, group)
 
 

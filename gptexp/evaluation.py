@@ -38,8 +38,10 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, *, world: Wor
     """
     if len(data_loader) == 0:
         # The book returns NaN here, which then poisons every comparison downstream.
-        raise CorpusError(f"the data loader is empty{_why_empty(data_loader)}: use a longer text, "
-                          "a shorter max_length (context_length), a smaller batch_size or drop_last=False")
+        raise CorpusError(
+            f"the data loader is empty{_why_empty(data_loader)}: use a longer text, "
+            "a shorter max_length (context_length), a smaller batch_size or drop_last=False"
+        )
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if world.size > 1:
         return _sharded_loss_loader(data_loader, model, device, num_batches, world)
@@ -72,8 +74,10 @@ def _why_empty(data_loader) -> str:
     if dataset is None or not hasattr(dataset, "max_length"):
         return ""
     drop = " with drop_last" if getattr(data_loader, "drop_last", False) else ""
-    return (f" ({len(dataset)} window(s) of {dataset.max_length} tokens from {len(dataset.token_ids)} tokens, "
-            f"batch_size {data_loader.batch_size}{drop})")
+    return (
+        f" ({len(dataset)} window(s) of {dataset.max_length} tokens from {len(dataset.token_ids)} tokens, "
+        f"batch_size {data_loader.batch_size}{drop})"
+    )
 
 
 def perplexity(loss) -> float:
@@ -97,8 +101,9 @@ def evaluation_windows(n_tokens: int, context_length: int) -> list[tuple[int, in
     return [(s, min(context_length, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, context_length)]
 
 
-def evaluate_split(model, token_ids, context_length: int, device, batch_size: int = 8,
-                   *, name: str = "split", world: World = SINGLE) -> SplitLoss:
+def evaluate_split(
+    model, token_ids, context_length: int, device, batch_size: int = 8, *, name: str = "split", world: World = SINGLE
+) -> SplitLoss:
     """Token-weighted loss of `model` over every target token of a split.
 
     Full windows go through in batches; the shorter tail window alone. Sums are kept in float64
@@ -117,7 +122,7 @@ def evaluate_split(model, token_ids, context_length: int, device, batch_size: in
         with torch.inference_mode():
             full = [s for s, n in windows if n == context_length]
             tail = [(s, n) for s, n in windows if n != context_length]
-            groups = [(full[i:i + batch_size], context_length) for i in range(0, len(full), batch_size)]
+            groups = [(full[i : i + batch_size], context_length) for i in range(0, len(full), batch_size)]
             groups += [([s], n) for s, n in tail]
             rounds = -(-len(groups) // world.size)
             for i in range(rounds):

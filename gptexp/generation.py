@@ -93,4 +93,4 @@ def _next_logits(model, idx: torch.Tensor, context_size: int, cache: KVCache | N
         # Past the context the window slides and every position shifts, so the cache cannot be
         # reused; recompute over the cropped window exactly as the uncached loop does.
         return model(idx[:, -window:])[:, -1, :]
-    return model(idx[:, cache.pos:], cache)[:, -1, :]
+    return model(idx[:, cache.pos :], cache)[:, -1, :]

@@ -100,7 +100,7 @@ def check_model_fits(m: ModelConfig, device: torch.device, *, training: bool = T
     The model is built on the CPU, so its weights and per-layer causal masks (context_length^2
     floats each) must fit there; on its device, training also holds gradients and AdamW's two moments.
     """
-    params, masks = parameter_count(m), m.n_layers * m.context_length ** 2
+    params, masks = parameter_count(m), m.n_layers * m.context_length**2
     on_device = 4 * ((4 if training else 1) * params + masks)
     needs = [("this machine's", torch.device("cpu"), 4 * (params + masks))]
     if device.type == "cpu":
@@ -110,11 +110,12 @@ def check_model_fits(m: ModelConfig, device: torch.device, *, training: bool = T
     for where, dev, need in needs:
         have = _memory_bytes(dev)
         if have is not None and need > have:
-            gib = 2 ** 30
+            gib = 2**30
             raise ConfigError(
                 f"model.* makes {params:,} parameters and {masks:,} causal-mask entries: {need / gib:,.1f} GiB "
                 f"in fp32{' to train' if training and dev == device else ''}, more than {where} {have / gib:,.1f} "
-                "GiB of memory: lower model.emb_dim, n_layers, context_length or vocab_size")
+                "GiB of memory: lower model.emb_dim, n_layers, context_length or vocab_size"
+            )
 
 
 def _check_start_context(config: Config, tokenizer) -> None:
@@ -122,14 +123,26 @@ def _check_start_context(config: Config, tokenizer) -> None:
     if not ids:
         raise ConfigError("sample.start_context gives no tokens: give the text each epoch's sample continues")
     if max(ids) >= config.model.vocab_size:
-        raise ConfigError(f"sample.start_context has token id {max(ids)} but model.vocab_size is "
-                          f"{config.model.vocab_size}: use vocab_size 50257 for the GPT-2 tokenizer")
+        raise ConfigError(
+            f"sample.start_context has token id {max(ids)} but model.vocab_size is "
+            f"{config.model.vocab_size}: use vocab_size 50257 for the GPT-2 tokenizer"
+        )
 
 
-def train(config: Config, *, experiment: str | None = None, run_name: str | None = None,
-          tags: dict | None = None, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
-          prepared: Prepared | None = None, client=None, console: bool = True,
-          on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
+def train(
+    config: Config,
+    *,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    prepared: Prepared | None = None,
+    client=None,
+    console: bool = True,
+    on_created: Callable[[str], None] | None = None,
+    world: World = SINGLE,
+) -> TrainOutcome | None:
     """Train `config` as one MLflow run; `on_created(run_id)` is called as soon as the run exists.
 
     `prepared`: `preflight(config)`'s result when the caller has it already (else it is made here).
@@ -138,16 +151,21 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
     if not world.is_main:
         return _follow(world)
     with world.lead() as start:
-        experiment = check_name("experiment name", experiment, MAX_EXPERIMENT_NAME) if experiment is not None \
+        experiment = (
+            check_name("experiment name", experiment, MAX_EXPERIMENT_NAME)
+            if experiment is not None
             else config.experiment
+        )
         if run_name is not None:
             check_name("run name", run_name, MAX_RUN_NAME)
         prepared = preflight(config, world=world) if prepared is None else prepared
         client = client or get_client()
         tags = {TAG_JOB: "train", **(tags or {})}
-        with write_failures(client), \
-                tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id, \
-                world.peer_errors():
+        with (
+            write_failures(client),
+            tracked_run(client, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id) as run_id,
+            world.peer_errors(),
+        ):
             if on_created is not None:
                 on_created(run_id)
             start(run_id, config)
@@ -155,8 +173,9 @@ def train(config: Config, *, experiment: str | None = None, run_name: str | None
             subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
             if console:
                 subscribers.append(ConsoleProgress())
-            result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root,
-                         world=world)
+            result = run(
+                config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root, world=world
+            )
     return TrainOutcome(run_id, result)
 
 
@@ -187,8 +206,9 @@ def run_config(client, run_id: str) -> Config:
             try:
                 path = Path(client.download_artifacts(run_id, "config/config.yaml", tmp))
             except Exception:
-                raise GptexpError(f"run {run_id} has no config/config.yaml artifact: "
-                                  "it was not made by gptexp train") from None
+                raise GptexpError(
+                    f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train"
+                ) from None
         try:
             # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
             return from_dict(read_yaml(path), origin=f"run {run_id} config")
@@ -216,13 +236,22 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
     if folder is None or not (folder / ckpt.WEIGHTS).is_file():
         folder = ckpt.latest_checkpoint(root) if which == "last" else None
     if folder is None:
-        raise GptexpError(f"run {run_id} has no {which} checkpoint: was it trained with checkpoint.keep=none "
-                          "or killed before its first epoch ended?")
+        raise GptexpError(
+            f"run {run_id} has no {which} checkpoint: was it trained with checkpoint.keep=none "
+            "or killed before its first epoch ended?"
+        )
     return folder
 
 
-def resume(run_id: str, *, client=None, callbacks: Sequence[Callback] = (), console: bool = True,
-           on_created: Callable[[str], None] | None = None, world: World = SINGLE) -> TrainOutcome | None:
+def resume(
+    run_id: str,
+    *,
+    client=None,
+    callbacks: Sequence[Callback] = (),
+    console: bool = True,
+    on_created: Callable[[str], None] | None = None,
+    world: World = SINGLE,
+) -> TrainOutcome | None:
     """Continue run `run_id` from its last checkpoint, in the same MLflow run (`on_created(run_id)`
     once it is reopened). In a distributed job every rank calls it; rank 0 alone reads the run."""
     if not world.is_main:
@@ -239,16 +268,19 @@ def _resume(run_id: str, client, callbacks, console: bool, on_created, world: Wo
     root, upload = run_checkpoints(client, run_id)
     folder = ckpt.latest_checkpoint(root)
     if folder is None:
-        raise GptexpError(f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
-                          "or used checkpoint.keep=none): start a new run instead")
+        raise GptexpError(
+            f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
+            "or used checkpoint.keep=none): start a new run instead"
+        )
     done = ckpt.load_state(folder)["epoch"]
     # The whole checkpoint is checked before the run is reopened, so a damaged one leaves it as it was.
     model_cfg = ckpt.load_model_config(folder)
     ckpt.check_config_fits(folder, model_cfg, config.model, f"run {run_id}'s config")
     ckpt.check_weights(folder, model_cfg)
     if done >= config.train.num_epochs or info.status == "FINISHED":
-        raise GptexpError(f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): "
-                          "nothing to resume")
+        raise GptexpError(
+            f"run {run_id} already trained all {config.train.num_epochs} epochs ({info.status}): nothing to resume"
+        )
     prepared = preflight(config, world=world)
     require_writable(client, info.artifact_uri)
     with write_failures(client), tracked_run(client, "", resume_run_id=run_id), world.peer_errors():
@@ -258,6 +290,13 @@ def _resume(run_id: str, client, callbacks, console: bool, on_created, world: Wo
         subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
         if console:
             subscribers.append(ConsoleProgress())
-        result = run(config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root,
-                     resume_from=folder, world=world)
+        result = run(
+            config,
+            subscribers,
+            runtime=prepared.runtime,
+            data=prepared.data,
+            checkpoint_dir=root,
+            resume_from=folder,
+            world=world,
+        )
     return TrainOutcome(run_id, result)

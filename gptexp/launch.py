@@ -120,8 +120,10 @@ def _outcome(failures: dict) -> tuple[int, str | None, tuple[str, str] | None]:
     with a code), unless it was starting or already leaving, so SIGTERM and SIGINT deaths are the
     stop, not its cause.
     """
-    killed = sorted((f for f in failures.values() if f.exitcode < 0 and -f.exitcode not in _STOP_SIGNALS),
-                    key=lambda f: (f.timestamp, f.local_rank))
+    killed = sorted(
+        (f for f in failures.values() if f.exitcode < 0 and -f.exitcode not in _STOP_SIGNALS),
+        key=lambda f: (f.timestamp, f.local_rank),
+    )
     if killed:
         first = killed[0]
         what = f"rank {first.local_rank} (pid {first.pid}) was killed by {first.signal_name()}"
@@ -152,10 +154,14 @@ def _settle(run_id_file: Path, status: str, reason: str) -> None:
     from .tags import TAG_ERROR, TAG_STATUS, TAG_STOP
     from .tracking import end_if_running, get_client
 
-    tags = {TAG_STOP if status == "KILLED" else TAG_ERROR: reason,
-            TAG_STATUS: "interrupted" if status == "KILLED" else "failed"}
+    tags = {
+        TAG_STOP if status == "KILLED" else TAG_ERROR: reason,
+        TAG_STATUS: "interrupted" if status == "KILLED" else "failed",
+    }
     try:
         end_if_running(get_client(), run_id, status, tags)
     except Exception as exc:  # the store itself may be what failed
-        print(f"gptexp: warning: could not end run {run_id} ({type(exc).__name__}): it may be left RUNNING",
-              file=sys.stderr)
+        print(
+            f"gptexp: warning: could not end run {run_id} ({type(exc).__name__}): it may be left RUNNING",
+            file=sys.stderr,
+        )

@@ -175,7 +175,7 @@ class MultiHeadAttention(nn.Module):
             ctx = self._fast_attention(queries, keys, values, start)
         else:
             scores = queries @ keys.transpose(2, 3)  # (b, heads, n, start + n)
-            scores.masked_fill_(self.mask.bool()[start:start + n, :start + n], -torch.inf)
+            scores.masked_fill_(self.mask.bool()[start : start + n, : start + n], -torch.inf)
             weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
             weights = self.dropout(weights)
             ctx = weights @ values
@@ -199,7 +199,7 @@ class MultiHeadAttention(nn.Module):
             # One new query after the cached ones: it sees every key, so no mask at all.
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         # Past keys are all visible; among the new ones, the usual causal triangle.
-        allowed = ~self.mask.bool()[start:start + n, :start + n]
+        allowed = ~self.mask.bool()[start : start + n, : start + n]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
 
     def _causal_bias(self, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -223,9 +223,9 @@ class MultiHeadAttention(nn.Module):
         start = cache.pos
         if start + n > cache.keys[layer].shape[2]:
             raise ValueError(f"KV cache holds {cache.keys[layer].shape[2]} positions; {start + n} requested")
-        cache.keys[layer][:, :, start:start + n] = k
-        cache.values[layer][:, :, start:start + n] = v
-        return cache.keys[layer][:, :, :start + n], cache.values[layer][:, :, :start + n], start
+        cache.keys[layer][:, :, start : start + n] = k
+        cache.values[layer][:, :, start : start + n] = v
+        return cache.keys[layer][:, :, : start + n], cache.values[layer][:, :, : start + n], start
 
 
 class TransformerBlock(nn.Module):

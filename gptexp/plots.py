@@ -21,10 +21,12 @@ def loss_figure(evals, epochs, steps_per_epoch: int):
         ax1.plot(x, [e.val_loss for e in evals], linestyle="-.", label="Validation loss")
     if epochs:
         ex = [e.epoch for e in epochs]
-        ax1.plot(ex, [e.train_loss for e in epochs], "o", color="C0", markersize=4,
-                 label="Training loss (epoch, full split)")
-        ax1.plot(ex, [e.val_loss for e in epochs], "s", color="C1", markersize=4,
-                 label="Validation loss (epoch, full split)")
+        ax1.plot(
+            ex, [e.train_loss for e in epochs], "o", color="C0", markersize=4, label="Training loss (epoch, full split)"
+        )
+        ax1.plot(
+            ex, [e.val_loss for e in epochs], "s", color="C1", markersize=4, label="Validation loss (epoch, full split)"
+        )
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right", fontsize="small")

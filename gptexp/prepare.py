@@ -96,8 +96,17 @@ class Progress:
         if self.bars and total_bytes >= self.min_bytes:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=self.stream, leave=False, dynamic_ncols=True, mininterval=self.refresh_s)
+            self.bar = tqdm(
+                total=total_bytes,
+                desc=description,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=self.refresh_s,
+            )
 
     def advance(self, n_bytes: int = 0, n_tokens: int = 0) -> None:
         self.tokens += n_tokens
@@ -135,7 +144,7 @@ def _remove_stale_temps(path: Path) -> None:
     for tmp in path.parent.glob(f"{path.name}.*.tmp"):
         if not tmp.name.startswith(prefix):
             continue
-        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        pid = tmp.name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -146,8 +155,16 @@ def _remove_stale_temps(path: Path) -> None:
             pass  # alive, another user's: leave it
 
 
-def _encode_splits(corpus: StreamedCorpus, at: int, writers: dict[int, CacheWriter], tokenizer, threads: int,
-                   chunk_chars: int, block_bytes: int, progress: Progress) -> None:
+def _encode_splits(
+    corpus: StreamedCorpus,
+    at: int,
+    writers: dict[int, CacheWriter],
+    tokenizer,
+    threads: int,
+    chunk_chars: int,
+    block_bytes: int,
+    progress: Progress,
+) -> None:
     progress.phase(f"encoding on {threads} threads", corpus.text_bytes)
     for part, blocks in itertools.groupby(corpus_parts(corpus, at, block_bytes), key=lambda b: b[0]):
         texts = _texts(blocks, progress)
@@ -168,9 +185,18 @@ def _texts(blocks, progress: Progress) -> Iterator[str]:
         yield text
 
 
-def prepare_corpus(source: str | os.PathLike[str], train_ratio: float, data_dir: Path | None = None, *,
-                   tokenizer=None, threads: int = 0, load: bool = True, progress: Progress | None = None,
-                   chunk_chars: int = CHUNK_CHARS, block_bytes: int = BLOCK_BYTES) -> PreparedCorpus:
+def prepare_corpus(
+    source: str | os.PathLike[str],
+    train_ratio: float,
+    data_dir: Path | None = None,
+    *,
+    tokenizer=None,
+    threads: int = 0,
+    load: bool = True,
+    progress: Progress | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+    block_bytes: int = BLOCK_BYTES,
+) -> PreparedCorpus:
     """The corpus's train and validation token ids, from their caches under data_dir/cache, encoding
     (on `threads` threads, 0 = every CPU) only what is not cached. `load=False` leaves the ids on disk."""
     data_dir = Path(data_dir or default_data_dir())
@@ -200,8 +226,12 @@ def prepare_corpus(source: str | os.PathLike[str], train_ratio: float, data_dir:
             try:
                 for part in missing:
                     _remove_stale_temps(paths[part])
-                    writers[part] = CacheWriter(paths[part], tokenizer, digests[part],
-                                                temp_prefix=_stale_temp_prefix(paths[part]) + f"{os.getpid()}.")
+                    writers[part] = CacheWriter(
+                        paths[part],
+                        tokenizer,
+                        digests[part],
+                        temp_prefix=_stale_temp_prefix(paths[part]) + f"{os.getpid()}.",
+                    )
                 _encode_splits(corpus, at, writers, tokenizer, threads, chunk_chars, block_bytes, progress)
                 for part, writer in writers.items():
                     writer.commit()
@@ -210,8 +240,10 @@ def prepare_corpus(source: str | os.PathLike[str], train_ratio: float, data_dir:
                 for writer in writers.values():
                     writer.abort()
                 if isinstance(exc, OSError):  # reading errors are CorpusErrors by now: this is the cache
-                    raise RunFailed(f"cannot write the token cache in {paths[0].parent}: "
-                                    f"{exc.strerror or exc}; free disk space or make it writable") from None
+                    raise RunFailed(
+                        f"cannot write the token cache in {paths[0].parent}: "
+                        f"{exc.strerror or exc}; free disk space or make it writable"
+                    ) from None
                 raise
             seconds = time.perf_counter() - t0
             if load:
@@ -222,8 +254,12 @@ def prepare_corpus(source: str | os.PathLike[str], train_ratio: float, data_dir:
                     found[part] = ids
     finally:
         progress.close()
-    splits = [PreparedSplit(SPLIT_NAMES[p], ranges[p], digests[p], paths[p], counts[p], p in missing,
-                            found.get(p) if load else None) for p in (0, 1)]
+    splits = [
+        PreparedSplit(
+            SPLIT_NAMES[p], ranges[p], digests[p], paths[p], counts[p], p in missing, found.get(p) if load else None
+        )
+        for p in (0, 1)
+    ]
     return PreparedCorpus(corpus, train_ratio, splits[0], splits[1], threads, seconds)
 
 
@@ -234,6 +270,7 @@ def _scan(source, data_dir: Path, block_bytes: int, progress: Progress) -> Strea
         with contextlib.suppress(OSError):  # scanning the files reports it
             total += f.stat().st_size
     progress.phase("reading the corpus", total)
+
     def advance(n: int) -> None:
         interrupts.check()
         progress.advance(n)

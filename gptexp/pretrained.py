@@ -25,12 +25,14 @@ class GPT2Size(NamedTuple):
     n_heads: int
 
 
-GPT2_SIZES: Mapping[str, GPT2Size] = MappingProxyType({
-    "gpt2": GPT2Size(768, 12, 12),
-    "gpt2-medium": GPT2Size(1024, 24, 16),
-    "gpt2-large": GPT2Size(1280, 36, 20),
-    "gpt2-xl": GPT2Size(1600, 48, 25),
-})
+GPT2_SIZES: Mapping[str, GPT2Size] = MappingProxyType(
+    {
+        "gpt2": GPT2Size(768, 12, 12),
+        "gpt2-medium": GPT2Size(1024, 24, 16),
+        "gpt2-large": GPT2Size(1280, 36, 20),
+        "gpt2-xl": GPT2Size(1600, 48, 25),
+    }
+)
 
 # Causal-mask buffers that old transformers versions saved; the model builds its own mask.
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -125,8 +127,14 @@ def _config(shapes: Mapping[str, tuple[int, ...]], p: Path, n_heads: int | None,
             raise GptexpError(f"{p}: emb_dim {d} is not a GPT-2 size ({sorted(known)}); pass n_heads")
         n_heads = known[d]
     cfg = {
-        "vocab_size": vocab, "context_length": names["wpe.weight"][0], "emb_dim": d,
-        "n_heads": n_heads, "n_layers": max(layers) + 1, "drop_rate": drop_rate, "qkv_bias": True, "impl": impl,
+        "vocab_size": vocab,
+        "context_length": names["wpe.weight"][0],
+        "emb_dim": d,
+        "n_heads": n_heads,
+        "n_layers": max(layers) + 1,
+        "drop_rate": drop_rate,
+        "qkv_bias": True,
+        "impl": impl,
     }
     try:
         check_model_cfg(cfg)
@@ -149,7 +157,11 @@ def gpt2_config_from_safetensors(
 
 
 def load_gpt2_safetensors(
-    path: str | Path, *, impl: str = "fast", drop_rate: float = 0.0, n_heads: int | None = None,
+    path: str | Path,
+    *,
+    impl: str = "fast",
+    drop_rate: float = 0.0,
+    n_heads: int | None = None,
     device: str | torch.device = "cpu",
 ) -> GPTModel:
     """A GPTModel holding the weights of a HF GPT-2 safetensors file, in eval mode on `device`."""

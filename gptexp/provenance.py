@@ -70,7 +70,7 @@ def _redact_urls(text: str) -> str:
             blank = _AT_OR_BLANK.search(text, m.end())
             no_password_before = blank.start() if blank else len(text)
             continue
-        out.append(text[pos:m.end()] + "***")
+        out.append(text[pos : m.end()] + "***")
         pos = end
     return "".join(out) + text[pos:]
 

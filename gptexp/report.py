@@ -44,8 +44,19 @@ KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.
 # Metrics where more is better; every other metric (losses, perplexities) is best when lowest.
 HIGHER_IS_BETTER = ("tokens_per_sec",)
 # Provenance tags that `compare` shows when they differ.
-COMPARE_TAGS = (TAG_IMPL, TAG_DEVICE, TAG_PRECISION, TAG_THREADS, TAG_CPU, TAG_GPU, TAG_TORCH_VERSION,
-                TAG_PYTHON_VERSION, MLFLOW_GIT_COMMIT, TAG_GIT_DIRTY, TAG_CORPUS_SHA256)
+COMPARE_TAGS = (
+    TAG_IMPL,
+    TAG_DEVICE,
+    TAG_PRECISION,
+    TAG_THREADS,
+    TAG_CPU,
+    TAG_GPU,
+    TAG_TORCH_VERSION,
+    TAG_PYTHON_VERSION,
+    MLFLOW_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_CORPUS_SHA256,
+)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -65,8 +76,9 @@ def _search(client, filter_string: str = "", experiment_ids=None, order_by=None,
         return []
     runs, token = [], None
     while True:
-        page = client.search_runs(ids, filter_string=filter_string, order_by=order_by,
-                                  max_results=min(max_results, 1000), page_token=token)
+        page = client.search_runs(
+            ids, filter_string=filter_string, order_by=order_by, max_results=min(max_results, 1000), page_token=token
+        )
         runs.extend(page)
         token = getattr(page, "token", None)
         if not token or len(runs) >= max_results:
@@ -200,17 +212,28 @@ def runs_frame(client, runs, metric: str, *, study: bool = False):
         row["duration"] = format_duration(_duration(r))
         row["status"] = r.info.status
         rows.append(row)
-    columns = (["trial", "state"] if study else []) + ["run", "run_id", *params, f"best {metric}", f"final {metric}",
-                                                       "epochs", "tokens_seen", "duration", "status"]
+    columns = (["trial", "state"] if study else []) + [
+        "run",
+        "run_id",
+        *params,
+        f"best {metric}",
+        f"final {metric}",
+        "epochs",
+        "tokens_seen",
+        "duration",
+        "status",
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     if len(frame):
-        frame = frame.sort_values(f"best {metric}", ascending=not higher_is_better(metric), na_position="last",
-                                  kind="stable").reset_index(drop=True)
+        frame = frame.sort_values(
+            f"best {metric}", ascending=not higher_is_better(metric), na_position="last", kind="stable"
+        ).reset_index(drop=True)
     return frame
 
 
-def build_report(client, *, experiment: str | None = None, study: str | None = None,
-                 metric: str = "epoch_val_loss") -> Report:
+def build_report(
+    client, *, experiment: str | None = None, study: str | None = None, metric: str = "epoch_val_loss"
+) -> Report:
     if experiment and study:
         raise GptexpError("give --experiment or --study, not both")
     if experiment is None and study is None:
@@ -224,9 +247,11 @@ def build_report(client, *, experiment: str | None = None, study: str | None = N
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
         return Report(f"study {study}: {len(frame)} trials ({counts}), by {metric}", frame, metric, "study", study)
     if experiment is None:
-        raise GptexpError(f"nothing to report yet: the MLflow store {redact(client.tracking_uri)} holds no runs; "
-                          "make some with `gptexp train --config configs/tiny.yaml` or `make sweep` "
-                          "(or point MLFLOW_TRACKING_URI at the store that holds them)")
+        raise GptexpError(
+            f"nothing to report yet: the MLflow store {redact(client.tracking_uri)} holds no runs; "
+            "make some with `gptexp train --config configs/tiny.yaml` or `make sweep` "
+            "(or point MLFLOW_TRACKING_URI at the store that holds them)"
+        )
     runs = experiment_runs(client, experiment)
     frame = runs_frame(client, runs, metric)
     return Report(f"experiment {experiment}: {len(frame)} runs, by {metric}", frame, metric, "experiment", experiment)
@@ -278,14 +303,26 @@ def to_markdown(frame) -> str:
     """A GitHub pipe table (no tabulate needed); numeric columns right-aligned."""
     header, body = _cells(frame)
     numeric = [bool(body) and all(_is_number(r[i]) for r in body) for i in range(len(header))]
-    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(_md_escape(h) for h in header) + " |",
+        "|" + "|".join("---:" if n else ":---" for n in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIAL))
 
 
@@ -301,8 +338,12 @@ def to_latex(frame, caption: str | None = None) -> str:
     lines = []
     if caption:
         lines.append(f"% {latex_escape(caption)}")
-    lines += [f"\\begin{{tabular}}{{{spec}}}", "\\hline",
-              " & ".join(latex_escape(h) for h in header) + r" \\", "\\hline"]
+    lines += [
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\hline",
+        " & ".join(latex_escape(h) for h in header) + r" \\",
+        "\\hline",
+    ]
     lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in body]
     lines += ["\\hline", "\\end{tabular}"]
     return "\n".join(lines)
@@ -352,7 +393,7 @@ def last_sample(client, run) -> tuple[int, str] | None:
     if not data or "completion" not in cols:
         return None
     rows = [dict(zip(cols, row, strict=False)) for row in data]  # a short row: its missing cells stay unset
-    last = max(rows, key=lambda r: (r.get("epoch") or 0))
+    last = max(rows, key=lambda r: r.get("epoch") or 0)
     return int(last.get("epoch") or 0), f"{last.get('prompt') or ''}{last.get('completion') or ''}"
 
 
@@ -369,13 +410,19 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
     out = [f"{label_a}  vs  {label_b}", ""]
 
     keys = sorted(set(a.data.params) | set(b.data.params))
-    diff = [(k, a.data.params.get(k, "-"), b.data.params.get(k, "-")) for k in keys
-            if a.data.params.get(k) != b.data.params.get(k)]
+    diff = [
+        (k, a.data.params.get(k, "-"), b.data.params.get(k, "-"))
+        for k in keys
+        if a.data.params.get(k) != b.data.params.get(k)
+    ]
     out.append(f"params that differ ({len(diff)} of {len(keys)}):" if diff else f"params: all {len(keys)} equal")
     if diff:
         out.append(_plain_table(["param", "A", "B"], [list(d) for d in diff]))
-    tag_diff = [(k, a.data.tags.get(k, "-"), b.data.tags.get(k, "-")) for k in COMPARE_TAGS
-                if a.data.tags.get(k) != b.data.tags.get(k)]
+    tag_diff = [
+        (k, a.data.tags.get(k, "-"), b.data.tags.get(k, "-"))
+        for k in COMPARE_TAGS
+        if a.data.tags.get(k) != b.data.tags.get(k)
+    ]
     if tag_diff:
         out += ["", "environment that differs:", _plain_table(["tag", "A", "B"], [list(d) for d in tag_diff])]
 
@@ -411,10 +458,18 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", metavar="NAME", help="the runs of this MLflow experiment")
     which.add_argument("--study", metavar="NAME", help="the trials of this sweep study")
-    p.add_argument("--metric", default="epoch_val_loss", metavar="KEY",
-                   help="sort by the best value of this metric (default epoch_val_loss)")
-    p.add_argument("--format", choices=FORMATS, default=None,
-                   help="table (default), md, csv or latex; with --out, guessed from the suffix")
+    p.add_argument(
+        "--metric",
+        default="epoch_val_loss",
+        metavar="KEY",
+        help="sort by the best value of this metric (default epoch_val_loss)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="table (default), md, csv or latex; with --out, guessed from the suffix",
+    )
     p.add_argument("--out", metavar="PATH", help="write the report to this file instead of stdout")
 
 

@@ -43,8 +43,19 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 COMPARISON_ARTIFACT = "reproduce/comparison.csv"
 DEFAULT_TOLERANCES = {"train_loss": 1e-3, "val_loss": 1e-3, "tokens_seen": 0.0}
 EVAL_METRICS = ("train_loss", "val_loss", "tokens_seen")
-_SPEC_KEYS = {"name", "description", "seed", "corpus", "impl", "precision", "device", "config", "expected",
-              "expected_file", "tolerances"}
+_SPEC_KEYS = {
+    "name",
+    "description",
+    "seed",
+    "corpus",
+    "impl",
+    "precision",
+    "device",
+    "config",
+    "expected",
+    "expected_file",
+    "tolerances",
+}
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,10 @@ def resolve_spec_path(name_or_path: str, directory: Path | None = None) -> Path:
             return p
     names = available_experiments(folder)
     known = ", ".join(names) if names else "none"
-    raise GptexpError(f"no experiment {name_or_path!r}: the available experiments ({folder}) are {known}; "
-                      "or give the path of a spec YAML")
+    raise GptexpError(
+        f"no experiment {name_or_path!r}: the available experiments ({folder}) are {known}; "
+        "or give the path of a spec YAML"
+    )
 
 
 def _spec_error(path: Path, message: str) -> GptexpError:
@@ -132,10 +145,14 @@ def _parse_expected(path: Path, raw: Any) -> tuple[tuple[ExpectedEval, ...], Exp
     for i, item in enumerate(raw.get("evals") or []):
         if not isinstance(item, dict) or not {"step", "train_loss", "val_loss", "tokens_seen"} <= set(item):
             raise _spec_error(path, f"expected.evals[{i}] needs step, train_loss, val_loss and tokens_seen")
-        evals.append(ExpectedEval(int(_number(path, f"expected.evals[{i}].step", item["step"])),
-                                  _number(path, f"expected.evals[{i}].train_loss", item["train_loss"]),
-                                  _number(path, f"expected.evals[{i}].val_loss", item["val_loss"]),
-                                  int(_number(path, f"expected.evals[{i}].tokens_seen", item["tokens_seen"]))))
+        evals.append(
+            ExpectedEval(
+                int(_number(path, f"expected.evals[{i}].step", item["step"])),
+                _number(path, f"expected.evals[{i}].train_loss", item["train_loss"]),
+                _number(path, f"expected.evals[{i}].val_loss", item["val_loss"]),
+                int(_number(path, f"expected.evals[{i}].tokens_seen", item["tokens_seen"])),
+            )
+        )
     steps = [e.step for e in evals]
     if len(set(steps)) != len(steps):
         raise _spec_error(path, "expected.evals lists a step twice")
@@ -156,12 +173,14 @@ def load_experiment_spec(name_or_path: str | Path, directory: Path | None = None
     raw = _read_yaml_mapping(path, "experiment spec")
     unknown = set(raw) - _SPEC_KEYS
     if unknown:
-        raise _spec_error(path, f"unknown key(s) {', '.join(sorted(unknown))}: "
-                                f"a spec takes {', '.join(sorted(_SPEC_KEYS))}")
+        raise _spec_error(
+            path, f"unknown key(s) {', '.join(sorted(unknown))}: a spec takes {', '.join(sorted(_SPEC_KEYS))}"
+        )
     missing = [k for k in ("config", "seed", "corpus", "impl", "precision", "device") if k not in raw]
     if missing:
-        raise _spec_error(path, f"missing {', '.join(missing)}: a spec pins the config, seed, corpus, impl, "
-                                "precision and device")
+        raise _spec_error(
+            path, f"missing {', '.join(missing)}: a spec pins the config, seed, corpus, impl, precision and device"
+        )
     try:
         config = from_dict(raw["config"], origin=f"{path} config")
     except ConfigError as exc:
@@ -187,13 +206,17 @@ def load_experiment_spec(name_or_path: str | Path, directory: Path | None = None
     if "expected_file" in raw:
         expected_path = path.parent / str(raw["expected_file"])
         if not expected_path.is_file():
-            raise _spec_error(path, f"expected_file {expected_path} does not exist: produce it first "
-                                    "(e.g. experiments/make_ch05_expected.py)")
+            raise _spec_error(
+                path,
+                f"expected_file {expected_path} does not exist: produce it first "
+                "(e.g. experiments/make_ch05_expected.py)",
+            )
         expected_raw = _read_yaml_mapping(expected_path, "expected results")
         sha = expected_raw.get("corpus_sha256")
         if sha is not None and sha != corpus["sha256"]:
-            raise _spec_error(path, f"{expected_path.name} was produced on corpus sha256 {sha}, "
-                                    f"the spec pins {corpus['sha256']}")
+            raise _spec_error(
+                path, f"{expected_path.name} was produced on corpus sha256 {sha}, the spec pins {corpus['sha256']}"
+            )
     elif "expected" in raw:
         expected_raw = raw["expected"]
     else:
@@ -207,9 +230,17 @@ def load_experiment_spec(name_or_path: str | Path, directory: Path | None = None
         tolerances[key] = _number(path, f"tolerances.{key}", value)
         if tolerances[key] < 0:
             raise _spec_error(path, f"tolerances.{key} must be >= 0")
-    return Spec(name=str(raw.get("name") or path.stem), path=path, config=config,
-                corpus_sha256=corpus["sha256"].lower(), evals=evals, sample=sample, tolerances=tolerances,
-                produced_by=produced_by, description=str(raw.get("description") or ""))
+    return Spec(
+        name=str(raw.get("name") or path.stem),
+        path=path,
+        config=config,
+        corpus_sha256=corpus["sha256"].lower(),
+        evals=evals,
+        sample=sample,
+        tolerances=tolerances,
+        produced_by=produced_by,
+        description=str(raw.get("description") or ""),
+    )
 
 
 # ---------------------------------------------------------------------------- comparison
@@ -275,8 +306,16 @@ def format_rows(rows: list[Row]) -> str:
         diff = "-" if r.diff is None else ("0" if r.diff == 0 else f"{r.diff:.2e}")
         if r.metric == "sample":
             diff = "equal" if r.ok else "differs"
-        body.append((r.metric, "-" if r.step is None else str(r.step), _fmt(r.expected, r.metric),
-                     _fmt(r.got, r.metric), diff, "ok" if r.ok else "FAIL"))
+        body.append(
+            (
+                r.metric,
+                "-" if r.step is None else str(r.step),
+                _fmt(r.expected, r.metric),
+                _fmt(r.got, r.metric),
+                diff,
+                "ok" if r.ok else "FAIL",
+            )
+        )
     return aligned(header, body, right={1, 4})
 
 
@@ -285,10 +324,16 @@ def rows_to_csv(rows: list[Row]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["metric", "step", "expected", "got", "abs_diff", "ok"])
     for r in rows:
-        w.writerow([r.metric, "" if r.step is None else r.step,
-                    repr(r.expected) if isinstance(r.expected, float) else r.expected,
-                    "" if r.got is None else (repr(r.got) if isinstance(r.got, float) else r.got),
-                    "" if r.diff is None else repr(r.diff), "true" if r.ok else "false"])
+        w.writerow(
+            [
+                r.metric,
+                "" if r.step is None else r.step,
+                repr(r.expected) if isinstance(r.expected, float) else r.expected,
+                "" if r.got is None else (repr(r.got) if isinstance(r.got, float) else r.got),
+                "" if r.diff is None else repr(r.diff),
+                "true" if r.ok else "false",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -313,12 +358,15 @@ class ReproduceOutcome:
 
 def check_corpus(spec: Spec, data) -> None:
     if data.corpus.sha256 != spec.corpus_sha256:
-        raise GptexpError(f"experiment {spec.name}: corpus {data.corpus.name} has sha256 {data.corpus.sha256} but "
-                          f"the spec pins {spec.corpus_sha256}: restore the pinned text (refusing to run)")
+        raise GptexpError(
+            f"experiment {spec.name}: corpus {data.corpus.name} has sha256 {data.corpus.sha256} but "
+            f"the spec pins {spec.corpus_sha256}: restore the pinned text (refusing to run)"
+        )
 
 
-def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, directory: Path | None = None,
-              callbacks=()) -> ReproduceOutcome:
+def reproduce(
+    name_or_path: str | Path, *, client=None, console: bool = True, directory: Path | None = None, callbacks=()
+) -> ReproduceOutcome:
     """Run the spec's config as a tracked run and compare it with the expected results."""
     from . import jobs
     from .tracking import get_client
@@ -328,9 +376,15 @@ def reproduce(name_or_path: str | Path, *, client=None, console: bool = True, di
     check_corpus(spec, prepared.data)
     client = client or get_client()
     tick = time.perf_counter()
-    outcome = jobs.train(spec.config, run_name=f"reproduce-{spec.name}",
-                         tags={TAG_JOB: "reproduce", TAG_EXPERIMENT_SPEC: spec.name},
-                         prepared=prepared, client=client, callbacks=list(callbacks), console=console)
+    outcome = jobs.train(
+        spec.config,
+        run_name=f"reproduce-{spec.name}",
+        tags={TAG_JOB: "reproduce", TAG_EXPERIMENT_SPEC: spec.name},
+        prepared=prepared,
+        client=client,
+        callbacks=list(callbacks),
+        console=console,
+    )
     assert outcome is not None  # reproduce is one process, the main one
     seconds = time.perf_counter() - tick
     rows = compare(spec, outcome.result)
@@ -357,8 +411,15 @@ def rerun(run_id: str, *, client=None, experiment: str | None = None, console: b
         experiment = exp.name if exp is not None and exp.lifecycle_stage == "active" else config.experiment
     tags = {TAG_RERUN_OF: run_id}
     name = source.info.run_name or run_id[:8]
-    return jobs.train(config, experiment=experiment, run_name=f"rerun-{name}", tags=tags, client=client,
-                      callbacks=list(callbacks), console=console)
+    return jobs.train(
+        config,
+        experiment=experiment,
+        run_name=f"rerun-{name}",
+        tags=tags,
+        client=client,
+        callbacks=list(callbacks),
+        console=console,
+    )
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -367,8 +428,9 @@ def rerun(run_id: str, *, client=None, experiment: str | None = None, console: b
 def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
     """`gptexp reproduce`'s arguments; its description lists the specs in experiments/."""
     names = ", ".join(available_experiments()) or "none yet"
-    p.description = (f"Experiments in {EXPERIMENTS_DIR}: {names}. Exit 0 when every expected point is within "
-                     "tolerance, 1 otherwise.")
+    p.description = (
+        f"Experiments in {EXPERIMENTS_DIR}: {names}. Exit 0 when every expected point is within tolerance, 1 otherwise."
+    )
     p.add_argument("experiment", metavar="EXPERIMENT", help="a spec name in experiments/ (e.g. ch05-verdict) or a path")
     p.add_argument("--quiet", action="store_true", help="no per-step progress")
 
@@ -398,8 +460,10 @@ def cmd_reproduce(args) -> int:
                 print(f"{'got:':<{len(label)}} {r.got!r}")
     bad = sum(not r.ok for r in out.rows)
     tol = ", ".join(f"{k} {v:g}" for k, v in spec.tolerances.items())
-    print(f"verdict: {out.verdict} - {len(out.rows) - bad}/{len(out.rows)} points within tolerance ({tol}); "
-          f"max |diff| of the losses {max_diff(out.rows):.3g}; {out.seconds:.0f} s")
+    print(
+        f"verdict: {out.verdict} - {len(out.rows) - bad}/{len(out.rows)} points within tolerance ({tol}); "
+        f"max |diff| of the losses {max_diff(out.rows):.3g}; {out.seconds:.0f} s"
+    )
     return 0 if out.passed else 1
 
 
@@ -412,10 +476,16 @@ def cmd_rerun(args) -> int:
     source = client.get_run(source_id).data.metrics
     new = client.get_run(outcome.run_id).data.metrics
     print(f"run {outcome.run_id} reran {source_id}")
-    rows = [(key, f"{source[key]:.6f}", f"{new[key]:.6f}",
-             "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}")
-            for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen")
-            if key in source and key in new]
+    rows = [
+        (
+            key,
+            f"{source[key]:.6f}",
+            f"{new[key]:.6f}",
+            "identical" if source[key] == new[key] else f"differs by {abs(new[key] - source[key]):.3g}",
+        )
+        for key in ("epoch_train_loss", "epoch_val_loss", "train_loss", "val_loss", "tokens_seen")
+        if key in source and key in new
+    ]
     if rows:
         print(aligned(("metric", "source", "rerun", ""), rows, right={1, 2}, indent="  "))
     return 0

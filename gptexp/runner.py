@@ -202,10 +202,20 @@ class TrainedEpoch:
     seconds: float
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
-               target_batch: torch.Tensor, runtime: Runtime, *, step: int = 0,
-               forward: torch.nn.Module | None = None, scaler: torch.amp.GradScaler | None = None,
-               clip: GradClip | None = None, epoch: int | None = None, accum_steps: int = 1) -> float:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_batch: torch.Tensor,
+    target_batch: torch.Tensor,
+    runtime: Runtime,
+    *,
+    step: int = 0,
+    forward: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip: GradClip | None = None,
+    epoch: int | None = None,
+    accum_steps: int = 1,
+) -> float:
     """One training step on one batch (global step `step`); returns its loss.
 
     `forward` runs the forward pass (a compiled view of `model`, DDP in a distributed job; `model`
@@ -245,8 +255,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_b
     return value
 
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter, *, precision: str = "fp32",
-                   forward: torch.nn.Module | None = None, world: World = SINGLE) -> tuple[float, float]:
+def evaluate_model(
+    model,
+    train_loader,
+    val_loader,
+    device,
+    eval_iter,
+    *,
+    precision: str = "fp32",
+    forward: torch.nn.Module | None = None,
+    world: World = SINGLE,
+) -> tuple[float, float]:
     """The book's evaluate_model: in eval mode, the mean loss of the first eval_iter batches of each loader.
 
     `precision` picks the autocast; `forward` runs the batches (a compiled view of `model`); with a
@@ -266,12 +285,25 @@ def _emit(callbacks: Iterable[Callback], name: str, event) -> None:
         getattr(cb, name)(event)
 
 
-def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
-               runtime: Runtime, num_epochs: int, eval_freq: int, eval_iter: int, *,
-               lr_schedule: Callable[[int], float] | None = None, clip: GradClip | None = None,
-               callbacks: Iterable[Callback] = (), epoch_end: Callable[[TrainedEpoch], None] | None = None,
-               state: LoopState | None = None, forward: torch.nn.Module | None = None,
-               scaler: torch.amp.GradScaler | None = None, accum_steps: int = 1) -> LoopState:
+def train_loop(
+    model: torch.nn.Module,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    *,
+    lr_schedule: Callable[[int], float] | None = None,
+    clip: GradClip | None = None,
+    callbacks: Iterable[Callback] = (),
+    epoch_end: Callable[[TrainedEpoch], None] | None = None,
+    state: LoopState | None = None,
+    forward: torch.nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accum_steps: int = 1,
+) -> LoopState:
     """The core: the book's train_model_simple, or appendix D's train_model with a schedule and clipping.
 
     Each step emits a StepEvent, every eval_freq-th global step the book's evaluate_model an
@@ -295,23 +327,45 @@ def train_loop(model: torch.nn.Module, train_loader, val_loader, optimizer: torc
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             lr = optimizer.param_groups[0]["lr"]
-            loss = train_step(model, optimizer, input_batch, target_batch, runtime, step=step, forward=forward,
-                              scaler=scaler, clip=clip, epoch=epoch, accum_steps=accum_steps)
+            loss = train_step(
+                model,
+                optimizer,
+                input_batch,
+                target_batch,
+                runtime,
+                step=step,
+                forward=forward,
+                scaler=scaler,
+                clip=clip,
+                epoch=epoch,
+                accum_steps=accum_steps,
+            )
             state.global_step = step
             state.tokens_seen += input_batch.numel() * world.size
             epoch_tokens += input_batch.numel() * world.size
             _emit(callbacks, "on_step", StepEvent(epoch, step, loss, lr, state.tokens_seen))
             if step % eval_freq == 0:
                 train_seconds += time.perf_counter() - tick
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, runtime.device, eval_iter,
-                                                      precision=runtime.precision, forward=forward, world=world)
+                train_loss, val_loss = evaluate_model(
+                    model,
+                    train_loader,
+                    val_loader,
+                    runtime.device,
+                    eval_iter,
+                    precision=runtime.precision,
+                    forward=forward,
+                    world=world,
+                )
                 _emit(callbacks, "on_eval", EvalEvent(epoch, step, train_loss, val_loss, state.tokens_seen, lr))
                 tick = time.perf_counter()
         train_seconds += time.perf_counter() - tick
         state.epoch = epoch
         if epoch_end is not None:
-            epoch_end(TrainedEpoch(epoch, state.global_step, state.tokens_seen,
-                                   epoch_tokens / max(train_seconds, 1e-9), train_seconds))
+            epoch_end(
+                TrainedEpoch(
+                    epoch, state.global_step, state.tokens_seen, epoch_tokens / max(train_seconds, 1e-9), train_seconds
+                )
+            )
     return state
 
 
@@ -357,16 +411,33 @@ def run(
     forward = world.replicate(compile_blocks(model) if t.compile else model, runtime.device)
 
     total_steps = len(data.train_loader) * t.num_epochs
-    _emit(callbacks, "on_start", StartEvent(config, runtime, model, data, total_steps, state.epoch,
-                                            saved is not None, world.placement(runtime.device)))
-    epoch_end = _RunEpochEnd(config, runtime, model, data, optimizer, scaler, state, result, callbacks,
-                             checkpoint_dir)
+    _emit(
+        callbacks,
+        "on_start",
+        StartEvent(
+            config, runtime, model, data, total_steps, state.epoch, saved is not None, world.placement(runtime.device)
+        ),
+    )
+    epoch_end = _RunEpochEnd(config, runtime, model, data, optimizer, scaler, state, result, callbacks, checkpoint_dir)
     try:
-        train_loop(model, world.shard(data.train_loader), world.shard(data.val_loader), optimizer, runtime,
-                   t.num_epochs, t.eval_freq, t.eval_iter, lr_schedule=lambda step: lr_at(step, total_steps, t),
-                   clip=None if t.grad_clip is None else GradClip(t.grad_clip, start=t.warmup_steps),
-                   callbacks=[_EvalRecorder(result), *callbacks], epoch_end=epoch_end, state=state,
-                   forward=forward, scaler=scaler, accum_steps=t.grad_accum_steps)
+        train_loop(
+            model,
+            world.shard(data.train_loader),
+            world.shard(data.val_loader),
+            optimizer,
+            runtime,
+            t.num_epochs,
+            t.eval_freq,
+            t.eval_iter,
+            lr_schedule=lambda step: lr_at(step, total_steps, t),
+            clip=None if t.grad_clip is None else GradClip(t.grad_clip, start=t.warmup_steps),
+            callbacks=[_EvalRecorder(result), *callbacks],
+            epoch_end=epoch_end,
+            state=state,
+            forward=forward,
+            scaler=scaler,
+            accum_steps=t.grad_accum_steps,
+        )
     except StopTraining as exc:
         result.status = exc.status
         _emit(callbacks, "on_end", EndEvent(exc.status, exc, len(result.epochs), state.global_step))
@@ -417,8 +488,9 @@ class _RunEpochEnd:
             return
         rngs = self.runtime.world.all_gather(_rng_state(self.runtime))
         if self.checkpoint_dir is not None:
-            saved = _save(self.checkpoint_dir, self.config, self.model, self.optimizer, self.scaler, self.state,
-                          rngs, is_best)
+            saved = _save(
+                self.checkpoint_dir, self.config, self.model, self.optimizer, self.scaler, self.state, rngs, is_best
+            )
             _emit(self.callbacks, "on_checkpoint", saved)
 
 
@@ -430,8 +502,10 @@ def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, trained: T
         val = evaluate_split(model, data.val_ids, ctx, runtime.device, bs, name="validation split", world=world)
     for name, value in (("train", train.loss), ("validation", val.loss)):
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"{name} loss is {value} after epoch {epoch} (step {global_step}): "
-                                "lower train.lr or enable train.grad_clip")
+            raise NonFiniteLoss(
+                f"{name} loss is {value} after epoch {epoch} (step {global_step}): "
+                "lower train.lr or enable train.grad_clip"
+            )
     prompt, completion = config.sample.start_context, ""
     if world.is_main:  # the sample is for the record, which rank 0 keeps
         model.eval()
@@ -440,9 +514,18 @@ def _epoch_end(model, data: Splits, config: Config, runtime: Runtime, trained: T
             # Greedy, as the book's generate_and_print_sample; the KV cache (fast) gives the same tokens.
             out = generate(model, idx, config.sample.max_new_tokens, context_size=ctx)
         model.train()
-        completion = token_ids_to_text(out[:, idx.shape[1]:], data.tokenizer)
-    return EpochEvent(epoch, global_step, train.loss, val.loss, trained.tokens_seen, trained.tokens_per_sec,
-                      trained.seconds, completion, prompt)
+        completion = token_ids_to_text(out[:, idx.shape[1] :], data.tokenizer)
+    return EpochEvent(
+        epoch,
+        global_step,
+        train.loss,
+        val.loss,
+        trained.tokens_seen,
+        trained.tokens_per_sec,
+        trained.seconds,
+        completion,
+        prompt,
+    )
 
 
 def _rng_state(runtime: Runtime) -> dict:
@@ -452,8 +535,9 @@ def _rng_state(runtime: Runtime) -> dict:
     return state
 
 
-def _save(root: Path, config: Config, model, optimizer, scaler, loop: LoopState, rngs: list[dict],
-          is_best: bool) -> CheckpointEvent:
+def _save(
+    root: Path, config: Config, model, optimizer, scaler, loop: LoopState, rngs: list[dict], is_best: bool
+) -> CheckpointEvent:
     """`rngs`: every rank's generators, rank 0's first (also as `rng`, all a single process has)."""
     state = dict(loop.to_dict(), optimizer=optimizer.state_dict(), rng=rngs[0])
     if len(rngs) > 1:
@@ -489,6 +573,8 @@ def _restore(folder: Path | None, state: dict, model, optimizer, scaler, runtime
                 torch.cuda.set_rng_state(rngs[world.rank]["cuda"], runtime.device)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         # A state saved for another model or optimizer: torch's multi-line text, cut to its gist.
-        raise ckpt.CheckpointError(f"checkpoint {folder or 'of rank 0'} does not fit this run's model and optimizer "
-                                   f"({first_line(exc)}): use another") from None
+        raise ckpt.CheckpointError(
+            f"checkpoint {folder or 'of rank 0'} does not fit this run's model and optimizer "
+            f"({first_line(exc)}): use another"
+        ) from None
     return LoopState.from_dict(state)  # the loop's fields sit flat beside optimizer and rng

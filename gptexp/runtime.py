@@ -33,16 +33,20 @@ def resolve_device(name: str, world: World = SINGLE) -> torch.device:
 
 def _rank_device(name: str, world: World) -> torch.device:
     if name == "mps" or name.startswith("cuda:"):
-        raise GptexpError(f"train.device is {name} but the job has {world.size} processes: use auto, cuda (each "
-                          "process takes cuda:LOCAL_RANK) or cpu")
+        raise GptexpError(
+            f"train.device is {name} but the job has {world.size} processes: use auto, cuda (each "
+            "process takes cuda:LOCAL_RANK) or cpu"
+        )
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise GptexpError(f"train.device is {name} but CUDA is not available here: use train.device=auto or cpu")
     count = torch.cuda.device_count()
     if world.local_size > count:
-        raise GptexpError(f"{world.local_size} processes on this machine but {count} GPU(s): start at most {count} "
-                          "per machine (torchrun --nproc-per-node, gptexp train --nproc) or use train.device=cpu")
+        raise GptexpError(
+            f"{world.local_size} processes on this machine but {count} GPU(s): start at most {count} "
+            "per machine (torchrun --nproc-per-node, gptexp train --nproc) or use train.device=cpu"
+        )
     return torch.device("cuda", world.local_rank)
 
 
@@ -65,9 +69,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise GptexpError(f"train.precision fp16 needs CUDA (device is {device.type}): use bf16, fp32 or auto")
     if name == "bf16" and device.type == "cpu" and not native_bf16(device):
         # Allowed (numerics can be studied anywhere), but it is the slow path here, never a speedup.
-        warnings.warn("train.precision bf16 on a CPU without bf16 hardware (no AMX or AVX512-BF16): its matmuls "
-                      "are emulated and several times slower than fp32 here; precision auto picks fp32",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "train.precision bf16 on a CPU without bf16 hardware (no AMX or AVX512-BF16): its matmuls "
+            "are emulated and several times slower than fp32 here; precision auto picks fp32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return name
 
 
@@ -116,5 +123,6 @@ def resolve_runtime(device: str, precision: str, threads: int, world: World = SI
 
     Sets nothing: jobs resolve once, before a run exists, and the runner applies it (use_threads)."""
     dev = resolve_device(device, world)
-    return Runtime(dev, resolve_precision(precision, dev), threads or max(1, physical_cores() // world.local_size),
-                   world)
+    return Runtime(
+        dev, resolve_precision(precision, dev), threads or max(1, physical_cores() // world.local_size), world
+    )

@@ -98,7 +98,8 @@ def encode_chunks(chunks: Iterable[str], tokenizer, threads: int) -> Iterator[np
         pool.shutdown(wait=True)
 
 
-def stream_encode(pieces: Iterable[str], tokenizer, threads: int = 1,
-                  chunk_chars: int = CHUNK_CHARS) -> Iterator[np.ndarray]:
+def stream_encode(
+    pieces: Iterable[str], tokenizer, threads: int = 1, chunk_chars: int = CHUNK_CHARS
+) -> Iterator[np.ndarray]:
     """Ids of the text of `pieces`: concatenated, tokenizer.encode(text, allowed_special={eot})."""
     return encode_chunks(safe_chunks(pieces, chunk_chars), tokenizer, threads)

@@ -37,8 +37,9 @@ from .sweep_trials import Context, run_workers, work
 from .tags import TAG_JOB, TAG_OPTUNA_STORAGE, TAG_STUDY
 
 
-def load_sweep_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None,
-              study: str | None = None) -> SweepSpec:
+def load_sweep_spec(
+    path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None, study: str | None = None
+) -> SweepSpec:
     """Read and validate a sweep spec; the base config it names is validated too, and the sampler and
     pruner options are tried on Optuna."""
     spec = parse_spec(path, overrides=overrides, n_trials=n_trials, study=study)
@@ -47,6 +48,7 @@ def load_sweep_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials
 
 
 # --- the sweep ---------------------------------------------------------------------------------
+
 
 def _parent_run(client, spec: SweepSpec, study, storage_url: str) -> str:
     from .tracking import experiment_id, log_flat_params
@@ -58,18 +60,29 @@ def _parent_run(client, spec: SweepSpec, study, storage_url: str) -> str:
             if run.info.lifecycle_stage == "active":
                 client.update_run(rid, status="RUNNING")
                 return rid
-    run = client.create_run(experiment_id(client, spec.experiment), run_name=f"sweep-{spec.study}",
-                            tags={TAG_JOB: "sweep", TAG_STUDY: spec.study, TAG_OPTUNA_STORAGE: redact(storage_url)})
+    run = client.create_run(
+        experiment_id(client, spec.experiment),
+        run_name=f"sweep-{spec.study}",
+        tags={TAG_JOB: "sweep", TAG_STUDY: spec.study, TAG_OPTUNA_STORAGE: redact(storage_url)},
+    )
     rid = run.info.run_id
-    params = {f"sweep.{k}": v for k, v in {
-        "study": spec.study, "objective": spec.objective, "direction": spec.direction, "reduce": spec.reduce,
-        "sampler": spec.sampler.get("name"), "pruner": spec.pruner.get("name"),
-        "base_config": spec.base_config, "space": ",".join(p.key for p in spec.space)}.items()}
+    params = {
+        f"sweep.{k}": v
+        for k, v in {
+            "study": spec.study,
+            "objective": spec.objective,
+            "direction": spec.direction,
+            "reduce": spec.reduce,
+            "sampler": spec.sampler.get("name"),
+            "pruner": spec.pruner.get("name"),
+            "base_config": spec.base_config,
+            "space": ",".join(p.key for p in spec.space),
+        }.items()
+    }
     log_flat_params(client, rid, params)
     client.log_text(rid, yaml.safe_dump(spec_dict(spec), sort_keys=False), "sweep/spec.yaml")
     study.set_user_attr("mlflow_parent_run_id", rid)
     return rid
-
 
 
 def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) -> dict:
@@ -88,8 +101,13 @@ def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) ->
         client.log_text(parent, text, "best/config.yaml")
         client.log_metric(parent, "best_value", best.value, step=best.number)
         path = _local_best_config(client, parent, text)
-        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           "run_id": best.user_attrs.get("mlflow_run_id"), "config": str(path)}
+        summary["best"] = {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "run_id": best.user_attrs.get("mlflow_run_id"),
+            "config": str(path),
+        }
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     summary["states"] = {s: states.count(s) for s in sorted(set(states))}
     for name, n in summary["states"].items():
@@ -118,8 +136,11 @@ def _log_plots(client, parent: str, study) -> None:
     from optuna.visualization import matplotlib as ovm
 
     plots: dict[str, Callable[..., Any]] = {
-        "optimization_history": ovm.plot_optimization_history, "param_importances": ovm.plot_param_importances,
-        "parallel_coordinate": ovm.plot_parallel_coordinate, "intermediate_values": ovm.plot_intermediate_values}
+        "optimization_history": ovm.plot_optimization_history,
+        "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+        "intermediate_values": ovm.plot_intermediate_values,
+    }
     for name, fn in plots.items():
         try:
             with warnings.catch_warnings():
@@ -152,14 +173,20 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
 
     preflight(from_dict(spec.base_raw(), origin="sweep base config"))  # corpus and splits, before any trial
     try:
-        study = optuna.create_study(study_name=spec.study, storage=storage, direction=spec.direction,
-                                    sampler=make_sampler(spec), pruner=make_pruner(spec, base.train.num_epochs),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            study_name=spec.study,
+            storage=storage,
+            direction=spec.direction,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec, base.train.num_epochs),
+            load_if_exists=True,
+        )
     except ValueError as exc:
         raise SweepError(f"study {spec.study}: {exc}") from None
     if study.direction.name.lower() != spec.direction:
-        raise SweepError(f"study {spec.study} exists with direction {study.direction.name.lower()}: "
-                         "use another --study name")
+        raise SweepError(
+            f"study {spec.study} exists with direction {study.direction.name.lower()}: use another --study name"
+        )
     check_same_search(study, spec)
     if not study.trials:
         with interrupts.deferred():  # all of them: a resumed study (it has trials) never enqueues the rest
@@ -168,9 +195,11 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
     client = get_client()
     with interrupts.deferred():  # from the parent run's (re)opening until it has ended
         parent = _parent_run(client, spec, study, storage_url)
-        print(f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
-              f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
-              flush=True)
+        print(
+            f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
+            f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
+            flush=True,
+        )
         ctx = Context(spec, storage_url, parent, threads, 0)
         with tracked_run(client, spec.experiment, resume_run_id=parent):
             if workers == 1:
@@ -184,6 +213,7 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
     summary.update(parent_run_id=parent, study=spec.study)
     _print_summary(spec, summary)
     return summary
+
 
 def _print_summary(spec: SweepSpec, summary: dict) -> None:
     states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
@@ -199,21 +229,30 @@ def _print_summary(spec: SweepSpec, summary: dict) -> None:
 
 # --- command line ------------------------------------------------------------------------------
 
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """`gptexp sweep`'s arguments."""
     p.add_argument("--config", required=True, metavar="PATH", help="sweep spec YAML, e.g. configs/sweep.yaml")
     p.add_argument("--n-trials", type=int, metavar="N", help="finished (complete or pruned) trials to reach")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="processes sharing the storage (default 1)")
     p.add_argument("--study", metavar="NAME", help="study name (default: the spec's, else its file name)")
-    p.add_argument("--storage", metavar="URL",
-                   help="Optuna storage: sqlite:///..., postgresql://..., mysql://..., journal:///path, redis://... "
-                        "(default sqlite:///mlruns/optuna.db)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key of the base run config (repeatable)")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage: sqlite:///..., postgresql://..., mysql://..., journal:///path, redis://... "
+        "(default sqlite:///mlruns/optuna.db)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the base run config (repeatable)",
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep_spec(args.config, overrides=args.overrides, n_trials=args.n_trials, study=args.study)
     run_sweep(spec, storage_url=args.storage, workers=args.workers)
     return 0
-

@@ -94,8 +94,10 @@ class Param:
         """An enqueued value as this parameter takes it, or SweepError when the space does not hold it."""
         where = f"enqueue point {self.key}={value!r}"
         if self.type == "categorical":
-            _need(any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.options()),
-                  f"{where} is not one of space.{self.key}.choices")
+            _need(
+                any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.options()),
+                f"{where} is not one of space.{self.key}.choices",
+            )
             return value
         number = _number(where, value)
         _need(self.type == "float" or number == int(number), f"{where} must be an integer")
@@ -151,8 +153,10 @@ def _number(where: str, value: Any) -> float:
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)
-    _need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-          f"{where} must be a finite number (got {value!r})")
+    _need(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        f"{where} must be a finite number (got {value!r})",
+    )
     return float(value)
 
 
@@ -161,8 +165,11 @@ CHOICE_TYPES = (type(None), bool, int, float, str)
 
 
 def _parse_param(key: str, body: Any, valid_keys: set[str]) -> Param:
-    _need(key in valid_keys, f"space.{key} is not a config key: use one of e.g. model.context_length, "
-                             "data.stride_fraction, train.batch_size, train.lr")
+    _need(
+        key in valid_keys,
+        f"space.{key} is not a config key: use one of e.g. model.context_length, "
+        "data.stride_fraction, train.batch_size, train.lr",
+    )
     _need(isinstance(body, dict), f"space.{key} must be a mapping with a type (int, float or categorical)")
     unknown = set(body) - {"type", "low", "high", "log", "step", "choices"}
     _need(not unknown, f"space.{key} has unknown field(s) {', '.join(sorted(unknown))}")
@@ -172,13 +179,17 @@ def _parse_param(key: str, body: Any, valid_keys: set[str]) -> Param:
         choices = body.get("choices")
         _need(isinstance(choices, list) and len(choices) > 0, f"space.{key}.choices must be a non-empty list")
         for choice in choices:
-            _need(isinstance(choice, CHOICE_TYPES) and not (isinstance(choice, float) and math.isnan(choice)),
-                  f"space.{key}.choices must be numbers, strings, booleans or null (got {choice!r})")
+            _need(
+                isinstance(choice, CHOICE_TYPES) and not (isinstance(choice, float) and math.isnan(choice)),
+                f"space.{key}.choices must be numbers, strings, booleans or null (got {choice!r})",
+            )
         ignored = set(body) & {"low", "high", "log", "step"}
         _need(not ignored, f"space.{key}: a categorical takes choices only, not {', '.join(sorted(ignored))}")
         return Param(key, kind, choices=choices)
-    _need("choices" not in body, f"space.{key}: an {kind} range takes low and high, not choices "
-                                 "(use type: categorical for a list)")
+    _need(
+        "choices" not in body,
+        f"space.{key}: an {kind} range takes low and high, not choices (use type: categorical for a list)",
+    )
     _need("low" in body and "high" in body, f"space.{key} needs numeric low and high")
     low, high = _number(f"space.{key}.low", body["low"]), _number(f"space.{key}.high", body["high"])
     step = _number(f"space.{key}.step", body["step"]) if body.get("step") is not None else None
@@ -194,54 +205,82 @@ def _parse_param(key: str, body: Any, valid_keys: set[str]) -> Param:
     return Param(key, kind, low, high, log, step)
 
 
-def parse_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None,
-               study: str | None = None) -> SweepSpec:
+def parse_spec(
+    path: str | Path, *, overrides: Sequence[str] = (), n_trials: int | None = None, study: str | None = None
+) -> SweepSpec:
     """Read and validate a sweep spec; the base config it names is validated too."""
     path = Path(path)
     try:
         raw = read_yaml(path)
     except ConfigError as exc:
         raise SweepError(str(exc).replace("config file", "sweep spec")) from None
-    allowed = {"study", "experiment", "base", "objective", "sampler", "pruner", "n_trials", "space", "heartbeat",
-               "max_failures", "enqueue"}
+    allowed = {
+        "study",
+        "experiment",
+        "base",
+        "objective",
+        "sampler",
+        "pruner",
+        "n_trials",
+        "space",
+        "heartbeat",
+        "max_failures",
+        "enqueue",
+    }
     unknown = set(raw) - allowed
-    _need(not unknown, f"unknown key(s) {', '.join(sorted(unknown))} in sweep spec {path}: "
-                       f"it takes {', '.join(sorted(allowed))}")
+    _need(
+        not unknown,
+        f"unknown key(s) {', '.join(sorted(unknown))} in sweep spec {path}: it takes {', '.join(sorted(allowed))}",
+    )
 
     base = raw.get("base") or {}
-    _need(isinstance(base, dict) and set(base) <= {"config", "overrides"},
-          "sweep spec base must be a mapping with config (a preset path) and overrides")
+    _need(
+        isinstance(base, dict) and set(base) <= {"config", "overrides"},
+        "sweep spec base must be a mapping with config (a preset path) and overrides",
+    )
     base_config = base.get("config")
-    _need(base_config is None or isinstance(base_config, str),
-          f"sweep spec base.config must be a preset path, e.g. configs/tiny.yaml (got {base_config!r})")
+    _need(
+        base_config is None or isinstance(base_config, str),
+        f"sweep spec base.config must be a preset path, e.g. configs/tiny.yaml (got {base_config!r})",
+    )
     if base_config is not None:
         candidate = Path(base_config)
         # A preset path is relative to the spec file or, failing that, to the working directory.
         if not candidate.is_absolute() and (path.parent / candidate).is_file():
             candidate = path.parent / candidate
-        _need(candidate.is_file(), f"sweep spec base.config {base_config} does not exist: "
-                                   "give a preset path, e.g. configs/tiny.yaml")
+        _need(
+            candidate.is_file(),
+            f"sweep spec base.config {base_config} does not exist: give a preset path, e.g. configs/tiny.yaml",
+        )
         base_config = str(candidate)
     base_overrides = base.get("overrides") or {}
-    _need(isinstance(base_overrides, dict) and all(isinstance(k, str) for k in base_overrides),
-          "sweep spec base.overrides must be a mapping of config keys to values")
+    _need(
+        isinstance(base_overrides, dict) and all(isinstance(k, str) for k in base_overrides),
+        "sweep spec base.overrides must be a mapping of config keys to values",
+    )
 
     metric, direction, reduce = _parse_objective(raw.get("objective"))
     sampler = _parse_choice(raw.get("sampler"), "sampler", SAMPLERS, "tpe")
     seed = sampler.get("seed")
-    _need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
-          f"sampler.seed must be a non-negative integer or null (got {seed!r})")
+    _need(
+        seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
+        f"sampler.seed must be a non-negative integer or null (got {seed!r})",
+    )
     pruner = _parse_choice(raw.get("pruner"), "pruner", PRUNERS, "median")
 
     space_raw = raw.get("space") or {}
-    _need(isinstance(space_raw, dict) and bool(space_raw),
-          "sweep spec has no space: give at least one config key to search")
+    _need(
+        isinstance(space_raw, dict) and bool(space_raw),
+        "sweep spec has no space: give at least one config key to search",
+    )
     valid = set(config_keys())
     space = [_parse_param(k, v, valid) for k, v in space_raw.items()]
 
     enqueue = raw.get("enqueue") or []
-    _need(isinstance(enqueue, list) and all(isinstance(e, dict) for e in enqueue),
-          "sweep spec enqueue must be a list of {config key: value} points")
+    _need(
+        isinstance(enqueue, list) and all(isinstance(e, dict) for e in enqueue),
+        "sweep spec enqueue must be a list of {config key: value} points",
+    )
     params = {p.key: p for p in space}
     for point in enqueue:
         extra = set(point) - set(params)
@@ -252,18 +291,32 @@ def parse_spec(path: str | Path, *, overrides: Sequence[str] = (), n_trials: int
     interval, grace = _parse_heartbeat(raw.get("heartbeat"))
     max_failures = _positive_int("max_failures", raw.get("max_failures", max(3, trials)))
     name = study or raw.get("study") or path.stem
-    _need(isinstance(name, (str, int)) and not isinstance(name, bool) and str(name).strip() != "",
-          f"sweep spec study must be a name (got {name!r}): e.g. study: tiny-lr, or --study NAME")
+    _need(
+        isinstance(name, (str, int)) and not isinstance(name, bool) and str(name).strip() != "",
+        f"sweep spec study must be a name (got {name!r}): e.g. study: tiny-lr, or --study NAME",
+    )
     experiment = raw.get("experiment")
     if experiment is not None:
         experiment = from_dict({"experiment": experiment}, origin=f"sweep spec {path}").experiment
     else:
         experiment = ""  # the base config's, below
     spec = SweepSpec(
-        study=str(name), base_config=base_config, base_overrides=dict(base_overrides), objective=metric,
-        direction=direction, reduce=reduce, sampler=sampler, pruner=pruner, n_trials=trials, space=space,
-        experiment=experiment, heartbeat_interval=interval, heartbeat_grace=grace,
-        max_failures=max_failures, enqueue=enqueue, source=str(path),
+        study=str(name),
+        base_config=base_config,
+        base_overrides=dict(base_overrides),
+        objective=metric,
+        direction=direction,
+        reduce=reduce,
+        sampler=sampler,
+        pruner=pruner,
+        n_trials=trials,
+        space=space,
+        experiment=experiment,
+        heartbeat_interval=interval,
+        heartbeat_grace=grace,
+        max_failures=max_failures,
+        enqueue=enqueue,
+        source=str(path),
         config_overrides=list(overrides),
     )
     if sampler["name"] == "grid":
@@ -285,8 +338,9 @@ def _check_space(spec: SweepSpec, base_raw: dict) -> None:
     searched = {p.key for p in spec.space}
     for p in spec.space:
         for value in p.edges():
-            _check_point(base_raw, {p.key: value}, searched,
-                         f"space.{p.key} reaches {value!r}, which the config refuses")
+            _check_point(
+                base_raw, {p.key: value}, searched, f"space.{p.key} reaches {value!r}, which the config refuses"
+            )
     for point in spec.enqueue:
         _check_point(base_raw, point, searched, f"enqueue point {format_params(point)} is refused by the config")
 
@@ -305,8 +359,10 @@ def _check_point(base_raw: dict, point: dict[str, Any], searched: set[str], what
 
 
 def _positive_int(where: str, value: Any) -> int:
-    _need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-          f"{where} must be a positive integer (got {value!r})")
+    _need(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        f"{where} must be a positive integer (got {value!r})",
+    )
     return value
 
 
@@ -314,14 +370,20 @@ def _parse_objective(objective: Any) -> tuple[str, Direction, str]:
     objective = objective or {}
     if isinstance(objective, str):
         objective = {"metric": objective}
-    _need(isinstance(objective, dict), f"objective must be a metric name or a mapping of metric, direction, reduce "
-                                       f"(got {objective!r})")
+    _need(
+        isinstance(objective, dict),
+        f"objective must be a metric name or a mapping of metric, direction, reduce (got {objective!r})",
+    )
     unknown = set(objective) - {"metric", "direction", "reduce"}
-    _need(not unknown, f"objective has unknown field(s) {', '.join(sorted(map(str, unknown)))}: "
-                       "it takes metric, direction and reduce")
+    _need(
+        not unknown,
+        f"objective has unknown field(s) {', '.join(sorted(map(str, unknown)))}: it takes metric, direction and reduce",
+    )
     metric = objective.get("metric", "epoch_val_loss")
-    _need(isinstance(metric, str) and metric in OBJECTIVES,
-          f"objective.metric must be one of {', '.join(OBJECTIVES)} (got {metric!r})")
+    _need(
+        isinstance(metric, str) and metric in OBJECTIVES,
+        f"objective.metric must be one of {', '.join(OBJECTIVES)} (got {metric!r})",
+    )
     direction = objective.get("direction", OBJECTIVES[metric][1])
     _need(direction in DIRECTIONS, f"objective.direction must be minimize or maximize (got {direction!r})")
     reduce = objective.get("reduce", "best")
@@ -333,16 +395,20 @@ def _parse_choice(value: Any, what: str, names: tuple[str, ...], default: str) -
     """A sampler or pruner: a name, or a mapping of name and the options of its Optuna class."""
     value = value or {"name": default}
     value = {"name": value} if isinstance(value, str) else value
-    _need(isinstance(value, dict) and all(isinstance(k, str) for k in value),
-          f"{what} must be a name ({', '.join(names)}) or a mapping with a name and options (got {value!r})")
+    _need(
+        isinstance(value, dict) and all(isinstance(k, str) for k in value),
+        f"{what} must be a name ({', '.join(names)}) or a mapping with a name and options (got {value!r})",
+    )
     _need(value.get("name") in names, f"{what} {value.get('name')!r} is unknown: use one of {', '.join(names)}")
     return dict(value)
 
 
 def _parse_heartbeat(beat: Any) -> tuple[int, int]:
     beat = beat or {}
-    _need(isinstance(beat, dict) and set(beat) <= {"interval", "grace"},
-          f"heartbeat must be a mapping of interval and grace, in seconds (got {beat!r})")
+    _need(
+        isinstance(beat, dict) and set(beat) <= {"interval", "grace"},
+        f"heartbeat must be a mapping of interval and grace, in seconds (got {beat!r})",
+    )
     interval = _positive_int("heartbeat.interval (seconds)", beat.get("interval", 10))
     grace = _positive_int("heartbeat.grace (seconds)", beat.get("grace", 30))
     _need(grace > interval, f"heartbeat.grace ({grace}) must exceed heartbeat.interval ({interval})")
@@ -353,7 +419,6 @@ def format_params(params: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-
 def any_value(p: Param):
     if p.type == "categorical":
         return p.options()[0]
@@ -361,12 +426,10 @@ def any_value(p: Param):
     return int(low) if p.type == "int" else low
 
 
-
 def spec_dict(spec: SweepSpec) -> dict:
     d = asdict(spec)
     d["space"] = {p["key"]: {k: v for k, v in p.items() if k != "key" and v not in (None, False)} for p in d["space"]}
     return d
-
 
 
 def search_definition(spec: SweepSpec) -> dict:
@@ -376,9 +439,13 @@ def search_definition(spec: SweepSpec) -> dict:
     config = flatten(spec.base().to_dict())
     searched = {p.key for p in spec.space} | {"train.threads", "experiment"}
     space = {p.key: {k: v for k, v in asdict(p).items() if k != "key" and v is not None} for p in spec.space}
-    definition = {"objective": spec.objective, "direction": spec.direction, "reduce": spec.reduce,
-                  "space": dict(sorted(space.items())),
-                  "base config": {k: v for k, v in config.items() if k not in searched}}
+    definition = {
+        "objective": spec.objective,
+        "direction": spec.direction,
+        "reduce": spec.reduce,
+        "space": dict(sorted(space.items())),
+        "base config": {k: v for k, v in config.items() if k not in searched},
+    }
     return json.loads(json.dumps(definition))  # as the storage gives it back
 
 
@@ -394,8 +461,10 @@ def check_same_search(study, spec: SweepSpec) -> None:
         return
     changes = _search_changes(recorded, definition)
     if changes:
-        raise SweepError(f"study {spec.study} holds another search ({'; '.join(changes)}): "
-                         f"give this one its own study with --study NAME (or restore the spec to resume it)")
+        raise SweepError(
+            f"study {spec.study} holds another search ({'; '.join(changes)}): "
+            f"give this one its own study with --study NAME (or restore the spec to resume it)"
+        )
 
 
 def _search_changes(old: dict, new: dict, limit: int = 3) -> list[str]:
@@ -419,4 +488,3 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
-

@@ -22,7 +22,7 @@ def open_storage(url: str, spec: SweepSpec):
 
     try:
         if url.startswith("journal://"):
-            path = url[len("journal://"):]
+            path = url[len("journal://") :]
             return optuna.storages.JournalStorage(JournalFileBackend(path))
         if url.startswith(("redis://", "rediss://")):
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
@@ -31,14 +31,18 @@ def open_storage(url: str, spec: SweepSpec):
             # Workers wait for each other's writes rather than failing with "database is locked".
             engine_kwargs = {"connect_args": {"timeout": 120}}
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs,
-            heartbeat_interval=spec.heartbeat_interval, grace_period=spec.heartbeat_grace,
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=spec.heartbeat_interval,
+            grace_period=spec.heartbeat_grace,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except ImportError as exc:
         missing = getattr(exc.__cause__, "name", None) or exc.name or "its database driver"
-        raise SweepError(f"storage {redact(url)} needs {missing}: pip install it (e.g. gptexp[postgres] "
-                         "for PostgreSQL, gptexp[redis] for Redis)") from None
+        raise SweepError(
+            f"storage {redact(url)} needs {missing}: pip install it (e.g. gptexp[postgres] "
+            "for PostgreSQL, gptexp[redis] for Redis)"
+        ) from None
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SweepError(f"cannot open Optuna storage {redact(url)} ({redact(text)[:200]}): check --storage") from None
@@ -114,7 +118,6 @@ def make_pruner(spec: SweepSpec, num_epochs: int):
         raise SweepError(f"pruner {name}: {exc}") from None
 
 
-
 def quiet_optuna() -> None:
     """Optuna's INFO lines and its 'experimental' warnings for the heartbeat API would drown
     the one line per trial that the sweep prints."""
@@ -122,7 +125,6 @@ def quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 
 
 def try_sampler_and_pruner(spec: SweepSpec, num_epochs: int) -> None:
@@ -141,6 +143,6 @@ def try_sampler_and_pruner(spec: SweepSpec, num_epochs: int) -> None:
                 p.suggest(trial)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SweepError(f"sampler {spec.sampler['name']} fails on this space ({text}): "
-                         "check its options in the spec") from None
-
+        raise SweepError(
+            f"sampler {spec.sampler['name']} fails on this space ({text}): check its options in the spec"
+        ) from None

@@ -110,9 +110,14 @@ def run_trial(ctx: Context, study, trial, client) -> str:
         # trial must not stay RUNNING in the storage.
         study.tell(trial, state=TrialState.FAIL)
         raise
-    tags = {TAG_JOB: "trial", TAG_STUDY: spec.study, TAG_TRIAL: str(trial.number),
-            TAG_OPTUNA_STUDY_NAME: spec.study, TAG_OPTUNA_TRIAL_NUMBER: str(trial.number),
-            TAG_SAMPLER_SEED: str(ctx.sampler_seed)}
+    tags = {
+        TAG_JOB: "trial",
+        TAG_STUDY: spec.study,
+        TAG_TRIAL: str(trial.number),
+        TAG_OPTUNA_STUDY_NAME: spec.study,
+        TAG_OPTUNA_TRIAL_NUMBER: str(trial.number),
+        TAG_SAMPLER_SEED: str(ctx.sampler_seed),
+    }
     trial.set_user_attr("sampler_seed", ctx.sampler_seed)
     retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(study._storage.get_trial(trial._trial_id))
     if retried is not None:
@@ -127,10 +132,17 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     with Heartbeat(study._storage, trial._trial_id, spec.heartbeat_interval):
         try:
             config = spec.trial_config(params, ctx.threads)
-            outcome = jobs.train(config, experiment=spec.experiment, run_name=f"{spec.study}-trial-{trial.number}",
-                                 tags=tags, parent_run_id=ctx.parent_run_id,
-                                 callbacks=[PruneOnEpoch(trial, spec.objective)], client=client, console=False,
-                                 on_created=created)
+            outcome = jobs.train(
+                config,
+                experiment=spec.experiment,
+                run_name=f"{spec.study}-trial-{trial.number}",
+                tags=tags,
+                parent_run_id=ctx.parent_run_id,
+                callbacks=[PruneOnEpoch(trial, spec.objective)],
+                client=client,
+                console=False,
+                on_created=created,
+            )
             assert outcome is not None  # a trial is one process, the main one
             value = _objective_value(spec, outcome.result.epochs)
             state = "COMPLETE"
@@ -153,8 +165,11 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     else:
         study.tell(trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
     seconds = time.monotonic() - t0
-    result = {"COMPLETE": f"{spec.objective} {value:.4f}" if value is not None else "",
-              "PRUNED": note, "FAIL": f"failed: {note}"}[state]
+    result = {
+        "COMPLETE": f"{spec.objective} {value:.4f}" if value is not None else "",
+        "PRUNED": note,
+        "FAIL": f"failed: {note}",
+    }[state]
     print(f"trial {trial.number}: {format_params(params)} -> {redact(result)} ({seconds:.1f} s)", flush=True)
     if state == "COMPLETE" and value is not None:
         _log_best(ctx, study, trial.number, value, params, run_ids[0] if run_ids else None, client)
@@ -164,8 +179,11 @@ def run_trial(ctx: Context, study, trial, client) -> str:
 def _refused_run(client, ctx: Context, number: int, tags: dict, error: str) -> str:
     from .tracking import experiment_id
 
-    run = client.create_run(experiment_id(client, ctx.spec.experiment), run_name=f"{ctx.spec.study}-trial-{number}",
-                            tags={**tags, MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, TAG_ERROR: redact(error)[:5000]})
+    run = client.create_run(
+        experiment_id(client, ctx.spec.experiment),
+        run_name=f"{ctx.spec.study}-trial-{number}",
+        tags={**tags, MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, TAG_ERROR: redact(error)[:5000]},
+    )
     client.set_terminated(run.info.run_id, status="FAILED")
     return run.info.run_id
 
@@ -266,7 +284,6 @@ def work(ctx: Context, lock, current_trial=None) -> dict[str, int]:
     return counts
 
 
-
 def _worker_main(ctx: Context, lock, queue, current_trial) -> None:
     # The terminal's Ctrl-C reaches every process of the group, and the parent forwards SIGTERM:
     # either is honoured at the worker's safe points, so its trial and child run end in a final state.
@@ -297,9 +314,14 @@ def run_workers(ctx: Context, workers: int) -> None:
     spawn = mp.get_context("spawn")
     lock, queue = spawn.Lock(), spawn.Queue()
     current = [spawn.RawValue("q", -1) for _ in range(workers)]  # each worker's trial id, -1 between trials
-    procs = [spawn.Process(target=_worker_main, args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id,
-                                                              ctx.threads, i), lock, queue, current[i]), daemon=False)
-             for i in range(workers)]
+    procs = [
+        spawn.Process(
+            target=_worker_main,
+            args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id, ctx.threads, i), lock, queue, current[i]),
+            daemon=False,
+        )
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     results = _collect(procs, queue)
@@ -311,8 +333,9 @@ def run_workers(ctx: Context, workers: int) -> None:
     if "interrupted" in kinds:  # a worker alone was stopped
         raise KeyboardInterrupt
     errors = [msg for kind, msg in results.values() if kind == "error"]
-    errors += [f"worker {i} ended without a result (exit code {procs[i].exitcode})"
-               for i in range(workers) if i not in results]
+    errors += [
+        f"worker {i} ended without a result (exit code {procs[i].exitcode})" for i in range(workers) if i not in results
+    ]
     if errors:
         raise SweepError(f"a sweep worker stopped: {errors[0]}")
 
@@ -363,9 +386,11 @@ def _fail_abandoned(ctx: Context, trial_id: int) -> None:
     rid = trial.user_attrs.get("mlflow_run_id")
     if rid:
         # KILLED when the sweep was being stopped (as an interrupted run ends), else FAILED.
-        status, tags = (("KILLED", {TAG_STOP: "its worker was stopped", TAG_STATUS: "interrupted"})
-                        if interrupts.requested() else
-                        ("FAILED", {TAG_ERROR: "its worker ended without finishing the trial", TAG_STATUS: "failed"}))
+        status, tags = (
+            ("KILLED", {TAG_STOP: "its worker was stopped", TAG_STATUS: "interrupted"})
+            if interrupts.requested()
+            else ("FAILED", {TAG_ERROR: "its worker ended without finishing the trial", TAG_STATUS: "failed"})
+        )
         client = get_client()
         with contextlib.suppress(Exception):
             if client.get_run(rid).info.status == "RUNNING":
@@ -374,4 +399,3 @@ def _fail_abandoned(ctx: Context, trial_id: int) -> None:
                 client.set_terminated(rid, status=status)
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
-

@@ -72,13 +72,14 @@ def _digest(ids: np.ndarray) -> bytes:
     digest = hashlib.blake2b(digest_size=32)
     step = max(1, _DIGEST_BLOCK // ids.itemsize)
     for start in range(0, len(ids), step):
-        digest.update(ids[start:start + step].data)
+        digest.update(ids[start : start + step].data)
     return digest.digest()
 
 
 def _header(ids: np.ndarray, text_sha256: str) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, ids.dtype.str.encode().ljust(4), len(ids), bytes.fromhex(text_sha256),
-                        _digest(ids))
+    return _HEADER.pack(
+        MAGIC, VERSION, ids.dtype.str.encode().ljust(4), len(ids), bytes.fromhex(text_sha256), _digest(ids)
+    )
 
 
 def _write(path: Path, ids: np.ndarray, text_sha256: str) -> None:
@@ -169,8 +170,16 @@ class CacheWriter:
     def commit(self) -> Path:
         f = self._file
         f.seek(0)
-        f.write(_HEADER.pack(MAGIC, VERSION, self.dtype.str.encode().ljust(4), self.count,
-                             bytes.fromhex(self.text_sha256), self._digest.digest()))
+        f.write(
+            _HEADER.pack(
+                MAGIC,
+                VERSION,
+                self.dtype.str.encode().ljust(4),
+                self.count,
+                bytes.fromhex(self.text_sha256),
+                self._digest.digest(),
+            )
+        )
         f.flush()
         os.fsync(f.fileno())
         f.close()

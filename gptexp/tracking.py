@@ -61,8 +61,10 @@ def tracking_uri() -> str:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise GptexpError(f"cannot create the MLflow store folder {root} ({exc.strerror}): run from a writable "
-                          "folder or set MLFLOW_TRACKING_URI") from None
+        raise GptexpError(
+            f"cannot create the MLflow store folder {root} ({exc.strerror}): run from a writable "
+            "folder or set MLFLOW_TRACKING_URI"
+        ) from None
     return f"sqlite:///{root}/mlflow.db"
 
 
@@ -70,7 +72,7 @@ def _sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI; None for other stores and in-memory databases."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
     return Path(path) if path and path != ":memory:" else None
 
 
@@ -94,8 +96,10 @@ def _first_use_lock(uri: str):
         except OSError as exc:
             # An existing store in a read-only folder can still be read (report, compare).
             if not db.is_file():
-                raise GptexpError(f"cannot create the MLflow store {db} ({exc.strerror}): create a writable "
-                                  "folder for it or point MLFLOW_TRACKING_URI elsewhere") from None
+                raise GptexpError(
+                    f"cannot create the MLflow store {db} ({exc.strerror}): create a writable "
+                    "folder for it or point MLFLOW_TRACKING_URI elsewhere"
+                ) from None
     if fd is None:
         yield
         return
@@ -116,8 +120,9 @@ def get_client(uri: str | None = None):
     except GptexpError:
         raise
     except Exception as exc:
-        raise GptexpError(f"cannot open the MLflow store {redact(uri)} ({first_line(exc, TAG_TEXT_LIMIT)}): "
-                          "check MLFLOW_TRACKING_URI") from None
+        raise GptexpError(
+            f"cannot open the MLflow store {redact(uri)} ({first_line(exc, TAG_TEXT_LIMIT)}): check MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def require_writable(client, artifact_uri: str | None) -> None:
@@ -182,9 +187,11 @@ def write_failures(client):
         problem = next((p for p in _STORE_WRITE_ERRORS if p in str(exc)), None)
         if problem is None:
             raise
-        raise RunFailed(f"{problem} writing the MLflow store {redact(client.tracking_uri)} (the run may be left "
-                        "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI "
-                        "elsewhere") from None
+        raise RunFailed(
+            f"{problem} writing the MLflow store {redact(client.tracking_uri)} (the run may be left "
+            "RUNNING there): free space or make it writable, or point MLFLOW_TRACKING_URI "
+            "elsewhere"
+        ) from None
 
 
 def _slug(name: str) -> str:
@@ -201,8 +208,10 @@ def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise GptexpError(f"experiment {name!r} is deleted in {redact(client.tracking_uri)}: "
-                              "restore it in the MLflow UI or pick another --experiment")
+            raise GptexpError(
+                f"experiment {name!r} is deleted in {redact(client.tracking_uri)}: "
+                "restore it in the MLflow UI or pick another --experiment"
+            )
         require_writable(client, exp.artifact_location)
         return exp.experiment_id
     location = None
@@ -253,8 +262,12 @@ def resolve_run_id(client, text: str) -> str:
     if _RUN_ID_PREFIX.fullmatch(prefix):
         experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
         if experiments:
-            runs = client.search_runs(experiments, filter_string=f"attributes.run_id LIKE '{prefix}%'",
-                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=_PREFIX_MATCHES)
+            runs = client.search_runs(
+                experiments,
+                filter_string=f"attributes.run_id LIKE '{prefix}%'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=_PREFIX_MATCHES,
+            )
     if not runs:
         raise GptexpError(f"no run {text!r} in the MLflow store {store}: check the id (and MLFLOW_TRACKING_URI)")
     if len(runs) > 1:
@@ -269,8 +282,15 @@ def get_run(client, run_id: str):
 
 
 @contextlib.contextmanager
-def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: dict | None = None,
-                parent_run_id: str | None = None, resume_run_id: str | None = None):
+def tracked_run(
+    client,
+    experiment: str,
+    *,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+):
     """Create (or reopen) a run; yield its id; end it with the status that tells the truth.
 
     FINISHED when the body returns; KILLED on Ctrl-C/SIGTERM or a subscriber's StopTraining
@@ -292,14 +312,24 @@ def tracked_run(client, experiment: str, *, run_name: str | None = None, tags: d
             _end(client, run_id, "KILLED", {TAG_STOP: "interrupted (Ctrl-C or SIGTERM)", TAG_STATUS: "interrupted"})
             raise
         except BaseException as exc:
-            _end(client, run_id, "FAILED", {TAG_ERROR: f"{type(exc).__name__}: {first_line(exc, TAG_TEXT_LIMIT)}",
-                                            TAG_STATUS: "failed"})
+            _end(
+                client,
+                run_id,
+                "FAILED",
+                {TAG_ERROR: f"{type(exc).__name__}: {first_line(exc, TAG_TEXT_LIMIT)}", TAG_STATUS: "failed"},
+            )
             raise
         _end(client, run_id, "FINISHED", {TAG_STATUS: "completed"})
 
 
-def _open_run(client, experiment: str, run_name: str | None, tags: dict | None, parent_run_id: str | None,
-              resume_run_id: str | None) -> str:
+def _open_run(
+    client,
+    experiment: str,
+    run_name: str | None,
+    tags: dict | None,
+    parent_run_id: str | None,
+    resume_run_id: str | None,
+) -> str:
     if resume_run_id is not None:
         client.update_run(resume_run_id, status="RUNNING")
         return resume_run_id
@@ -333,7 +363,7 @@ def log_flat_params(client, run_id: str, params: dict) -> None:
 
     items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(client, run_id: str, values: dict[str, float], step: int) -> None:
@@ -370,17 +400,19 @@ class MlflowLogger(Callback):
         log_flat_params(c, rid, run_params(cfg))
         git = git_state()
         tags = environment_tags(event.runtime.device, event.runtime.precision, event.runtime.threads)
-        tags.update({
-            TAG_IMPL: cfg.model.impl,
-            TAG_NUM_PARAMETERS: str(event.model.num_parameters()),
-            TAG_CORPUS: redact(event.data.corpus.name),
-            TAG_CORPUS_SHA256: event.data.corpus.sha256,
-            TAG_GIT_DIRTY: str(git.dirty).lower(),
-            TAG_WORLD_SIZE: str(event.placement.world_size),
-            TAG_BACKEND: event.placement.backend,
-            TAG_NODES: str(event.placement.nodes),
-            TAG_DEVICES: event.placement.devices_summary(),
-        })
+        tags.update(
+            {
+                TAG_IMPL: cfg.model.impl,
+                TAG_NUM_PARAMETERS: str(event.model.num_parameters()),
+                TAG_CORPUS: redact(event.data.corpus.name),
+                TAG_CORPUS_SHA256: event.data.corpus.sha256,
+                TAG_GIT_DIRTY: str(git.dirty).lower(),
+                TAG_WORLD_SIZE: str(event.placement.world_size),
+                TAG_BACKEND: event.placement.backend,
+                TAG_NODES: str(event.placement.nodes),
+                TAG_DEVICES: event.placement.devices_summary(),
+            }
+        )
         if git.commit:
             tags[MLFLOW_GIT_COMMIT] = git.commit
         for k, v in tags.items():
@@ -407,11 +439,17 @@ class MlflowLogger(Callback):
         train, val, seen, lr = (history(k) for k in ("train_loss", "val_loss", "tokens_seen", "lr"))
         steps = sorted(s for s in val if s in train)
         epoch_of = lambda s: s // self._steps_per_epoch + 1  # noqa: E731
-        self._evals = [EvalEvent(epoch_of(s), s, train[s], val[s], int(seen.get(s, 0)), lr.get(s, 0.0))
-                       for s in steps if epoch_of(s) <= epochs_done]
+        self._evals = [
+            EvalEvent(epoch_of(s), s, train[s], val[s], int(seen.get(s, 0)), lr.get(s, 0.0))
+            for s in steps
+            if epoch_of(s) <= epochs_done
+        ]
         etrain, eval_ = history("epoch_train_loss"), history("epoch_val_loss")
-        self._epochs = [EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
-                        for e in sorted(eval_) if e in etrain and e <= epochs_done]
+        self._epochs = [
+            EpochEvent(e, 0, etrain[e], eval_[e], 0, 0.0, 0.0, "", "")
+            for e in sorted(eval_)
+            if e in etrain and e <= epochs_done
+        ]
 
     def _log(self, values: dict[str, float], step: int) -> None:
         """Log the points not in the run yet. MLflow cannot replace a point, so a step of the
@@ -454,31 +492,53 @@ class MlflowLogger(Callback):
                 profile[f"{split.name}_characters"] = list(split.characters)
                 profile[f"{split.name}_text_sha256"] = split.text_sha256
         # MLflow stores at most 36 characters of digest; the full sha256 is in the profile and a tag.
-        dataset = Dataset(name=redact(corpus.name), digest=corpus.sha256[:36], source_type="local",
-                          source=json.dumps(source), profile=json.dumps(profile))
+        dataset = Dataset(
+            name=redact(corpus.name),
+            digest=corpus.sha256[:36],
+            source_type="local",
+            source=json.dumps(source),
+            profile=json.dumps(profile),
+        )
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def on_eval(self, event: EvalEvent) -> None:
         self._evals.append(event)
-        self._log({
-            "train_loss": event.train_loss, "val_loss": event.val_loss,
-            "tokens_seen": event.tokens_seen, "lr": event.lr,
-        }, step=event.global_step)
+        self._log(
+            {
+                "train_loss": event.train_loss,
+                "val_loss": event.val_loss,
+                "tokens_seen": event.tokens_seen,
+                "lr": event.lr,
+            },
+            step=event.global_step,
+        )
 
     def on_epoch_end(self, event: EpochEvent) -> None:
         c, rid = self.client, self.run_id
         self._epochs.append(event)
-        self._log({
-            "epoch_train_loss": event.train_loss, "epoch_val_loss": event.val_loss,
-            "epoch_train_ppl": event.train_ppl, "epoch_val_ppl": event.val_ppl,
-            "tokens_per_sec": event.tokens_per_sec,
-        }, step=event.epoch)
+        self._log(
+            {
+                "epoch_train_loss": event.train_loss,
+                "epoch_val_loss": event.val_loss,
+                "epoch_train_ppl": event.train_ppl,
+                "epoch_val_ppl": event.val_ppl,
+                "tokens_per_sec": event.tokens_per_sec,
+            },
+            step=event.epoch,
+        )
         # Also at the epoch's last step, so a run ending between eval points still records all it
         # trained on; when that step was an eval step the point is already there (same value).
         self._log({"tokens_seen": event.tokens_seen}, step=event.global_step)
-        c.log_table(rid, {"epoch": [event.epoch], "global_step": [event.global_step],
-                          "prompt": [event.prompt], "completion": [event.completion]},
-                    "samples/samples.json")
+        c.log_table(
+            rid,
+            {
+                "epoch": [event.epoch],
+                "global_step": [event.global_step],
+                "prompt": [event.prompt],
+                "completion": [event.completion],
+            },
+            "samples/samples.json",
+        )
         c.log_text(rid, event.prompt + event.completion + "\n", f"samples/epoch-{event.epoch:03d}.txt")
         self._plot()
 

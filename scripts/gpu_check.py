@@ -82,10 +82,17 @@ def bench(device: torch.device, batch: int, steps: int) -> dict:
     flops_per_token = 6 * n + 12 * cfg["n_layers"] * cfg["emb_dim"] * ctx
     name = torch.cuda.get_device_name(device)
     peak = peak_for(name)
-    return {"device": name, "batch": batch, "context": ctx, "steps": steps, "tokens_per_sec": tokens_per_sec,
-            "model_tflops": flops_per_token * tokens_per_sec / 1e12,
-            "mfu": None if peak is None else flops_per_token * tokens_per_sec / peak,
-            "peak_bf16_tflops": None if peak is None else peak / 1e12, "ok": True}
+    return {
+        "device": name,
+        "batch": batch,
+        "context": ctx,
+        "steps": steps,
+        "tokens_per_sec": tokens_per_sec,
+        "model_tflops": flops_per_token * tokens_per_sec / 1e12,
+        "mfu": None if peak is None else flops_per_token * tokens_per_sec / peak,
+        "peak_bf16_tflops": None if peak is None else peak / 1e12,
+        "ok": True,
+    }
 
 
 def ddp(gpus: int) -> dict:
@@ -93,14 +100,29 @@ def ddp(gpus: int) -> dict:
         return {"skipped": f"needs 2 GPUs, this machine has {gpus}", "ok": True}
     from mlflow.tracking import MlflowClient
 
-    settings = ["train.device=cuda", "train.precision=fp32", "model.drop_rate=0", "train.num_epochs=2",
-                f"train.batch_size={4 * gpus}"]
+    settings = [
+        "train.device=cuda",
+        "train.precision=fp32",
+        "model.drop_rate=0",
+        "train.num_epochs=2",
+        f"train.batch_size={4 * gpus}",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         results = {}
         for name, nproc in (("one", 1), ("all", gpus)):
-            args = [sys.executable, "-m", "gptexp", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-                    "--experiment", f"gpu-check-{name}", "--nproc", str(nproc)]
+            args = [
+                sys.executable,
+                "-m",
+                "gptexp",
+                "train",
+                "--config",
+                str(REPO / "configs" / "tiny.yaml"),
+                "--experiment",
+                f"gpu-check-{name}",
+                "--nproc",
+                str(nproc),
+            ]
             for item in settings:
                 args += ["--set", item]
             start = time.perf_counter()
@@ -109,13 +131,19 @@ def ddp(gpus: int) -> dict:
                 return {"ok": False, "failed": name, "stderr": done.stderr[-2000:]}
             client = MlflowClient(env["MLFLOW_TRACKING_URI"])
             (run,) = client.search_runs([client.get_experiment_by_name(f"gpu-check-{name}").experiment_id])
-            results[name] = {"seconds": time.perf_counter() - start, "status": run.info.status,
-                             "epoch_val_loss": run.data.metrics["epoch_val_loss"],
-                             "backend": run.data.tags.get("gptexp.backend"),
-                             "devices": run.data.tags.get("gptexp.devices")}
+            results[name] = {
+                "seconds": time.perf_counter() - start,
+                "status": run.info.status,
+                "epoch_val_loss": run.data.metrics["epoch_val_loss"],
+                "backend": run.data.tags.get("gptexp.backend"),
+                "devices": run.data.tags.get("gptexp.devices"),
+            }
     diff = abs(results["one"]["epoch_val_loss"] - results["all"]["epoch_val_loss"])
-    ok = (diff < DDP_TOL and results["all"]["backend"] == "nccl"
-          and all(r["status"] == "FINISHED" for r in results.values()))
+    ok = (
+        diff < DDP_TOL
+        and results["all"]["backend"] == "nccl"
+        and all(r["status"] == "FINISHED" for r in results.values())
+    )
     return {"gpus": gpus, **results, "epoch_val_loss_diff": diff, "ok": ok}
 
 
@@ -126,27 +154,39 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench-results" / "gpu-check.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}): "
-              "run it on a machine with an NVIDIA GPU and a CUDA build of torch", file=sys.stderr)
+        print(
+            f"gpu-check: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}): "
+            "run it on a machine with an NVIDIA GPU and a CUDA build of torch",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda", 0)
-    summary = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-               "device": torch.cuda.get_device_name(device)}
+    summary = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count(),
+        "device": torch.cuda.get_device_name(device),
+    }
     summary["parity"] = parity(device)
     print(f"parity  fast vs book logits, fp32: max |diff| {summary['parity']['max_abs_diff']:.2e}", flush=True)
     summary["bench"] = b = bench(device, args.batch, args.steps)
     mfu = "n/a (no peak for this GPU in PEAK_BF16)" if b["mfu"] is None else f"{100 * b['mfu']:.1f}%"
-    print(f"bench   124M bf16 compile on {b['device']}: {b['tokens_per_sec']:,.0f} tokens/s, "
-          f"{b['model_tflops']:.1f} TFLOP/s, MFU {mfu}", flush=True)
+    print(
+        f"bench   124M bf16 compile on {b['device']}: {b['tokens_per_sec']:,.0f} tokens/s, "
+        f"{b['model_tflops']:.1f} TFLOP/s, MFU {mfu}",
+        flush=True,
+    )
     summary["ddp"] = d = ddp(summary["gpus"])
     if "skipped" in d:
         print(f"ddp     skipped: {d['skipped']}")
     elif "failed" in d:
         print(f"ddp     the {d['failed']} run failed: {d['stderr'].strip().splitlines()[-1:]}")
     else:
-        print(f"ddp     {d['gpus']} GPUs ({d['all']['backend']}, {d['all']['devices']}): epoch_val_loss "
-              f"{d['all']['epoch_val_loss']:.6f} vs {d['one']['epoch_val_loss']:.6f} on one GPU "
-              f"(diff {d['epoch_val_loss_diff']:.1e}); {d['all']['seconds']:.0f} s vs {d['one']['seconds']:.0f} s")
+        print(
+            f"ddp     {d['gpus']} GPUs ({d['all']['backend']}, {d['all']['devices']}): epoch_val_loss "
+            f"{d['all']['epoch_val_loss']:.6f} vs {d['one']['epoch_val_loss']:.6f} on one GPU "
+            f"(diff {d['epoch_val_loss_diff']:.1e}); {d['all']['seconds']:.0f} s vs {d['one']['seconds']:.0f} s"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

@@ -26,8 +26,17 @@ import gptexp
 BOOK_NAMES: dict[str, tuple[str, ...]] = {
     "ch02": ("GPTDatasetV1", "create_dataloader_v1"),
     "ch04": ("GPTModel", "GPTModelFast", "generate_text_simple"),
-    "ch05": ("generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader",
-             "train_model_simple", "evaluate_model", "generate_and_print_sample", "plot_losses"),
+    "ch05": (
+        "generate",
+        "text_to_token_ids",
+        "token_ids_to_text",
+        "calc_loss_batch",
+        "calc_loss_loader",
+        "train_model_simple",
+        "evaluate_model",
+        "generate_and_print_sample",
+        "plot_losses",
+    ),
     "appendix_d": ("train_model",),
 }
 
@@ -47,8 +56,7 @@ class KVCacheGPTModel(gptexp.GPTModelFast):
 def kv_generate_text_simple(model, idx, max_new_tokens, context_size=None, use_cache=True):
     """The book's `kv_cache.generate.generate_text_simple` signature, on gptexp's KV-cached `generate`."""
     model.eval()
-    return gptexp.generate(model, idx, max_new_tokens, context_size or model.cfg["context_length"],
-                           use_cache=use_cache)
+    return gptexp.generate(model, idx, max_new_tokens, context_size or model.cfg["context_length"], use_cache=use_cache)
 
 
 def _module(name: str, objects: dict) -> types.ModuleType:
@@ -61,8 +69,9 @@ def _module(name: str, objects: dict) -> types.ModuleType:
 
 def install() -> None:
     modules = {"llms_from_scratch": {}, "llms_from_scratch.kv_cache": {}}
-    modules.update({f"llms_from_scratch.{m}": {n: getattr(gptexp, n) for n in names}
-                    for m, names in BOOK_NAMES.items()})
+    modules.update(
+        {f"llms_from_scratch.{m}": {n: getattr(gptexp, n) for n in names} for m, names in BOOK_NAMES.items()}
+    )
     modules["llms_from_scratch.kv_cache.gpt2"] = {"GPTModel": KVCacheGPTModel}
     modules["llms_from_scratch.kv_cache.generate"] = {"generate_text_simple": kv_generate_text_simple}
     for name, objects in modules.items():
@@ -90,7 +99,8 @@ def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Fail the session if any of the book's own modules (other than its test files) got imported."""
     stray = sorted(
-        name for name, module in list(sys.modules.items())
+        name
+        for name, module in list(sys.modules.items())
         if "/llms_from_scratch/" in (getattr(module, "__file__", None) or "").replace("\\", "/")
         and "/llms_from_scratch/tests/" not in module.__file__.replace("\\", "/")
     )

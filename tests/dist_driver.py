@@ -37,8 +37,10 @@ def shards(world, config) -> dict:
     model = GPTModel(config.model_cfg()).eval()
     with torch.inference_mode():
         split = evaluate_split(model, data.val_ids, config.model.context_length, "cpu", 3, world=world)
-        losses = [calc_loss_loader(val, model, "cpu", world=world),
-                  calc_loss_loader(train, model, "cpu", num_batches=3, world=world)]
+        losses = [
+            calc_loss_loader(val, model, "cpu", world=world),
+            calc_loss_loader(train, model, "cpu", num_batches=3, world=world),
+        ]
     return {"epochs": epochs, "val": val_shares, "rng": rng, "split": (split.loss, split.tokens), "losses": losses}
 
 

@@ -81,9 +81,16 @@ def send_twice(training: Training, plan: dict, log: dict) -> None:
 def one_run(mode: str, rng: random.Random, number: int, train_args: list[str]) -> dict:
     experiment = f"signals-{mode}-{number}"
     kinds = (signal.SIGTERM, signal.SIGINT)
-    plan = ({"countdown": rng.randint(0, 20)} if mode == "gc" else
-            {"after_ms": rng.randint(0, 300), "first": rng.choice(kinds), "second": rng.choice(kinds),
-             "delay_ms": round(10 * 30 ** rng.random())})  # 10-300 ms, as many short delays as long
+    plan = (
+        {"countdown": rng.randint(0, 20)}
+        if mode == "gc"
+        else {
+            "after_ms": rng.randint(0, 300),
+            "first": rng.choice(kinds),
+            "second": rng.choice(kinds),
+            "delay_ms": round(10 * 30 ** rng.random()),
+        }
+    )  # 10-300 ms, as many short delays as long
     training = Training(plan.get("countdown"))
     log: dict = {}
     sender = None
@@ -104,8 +111,13 @@ def one_run(mode: str, rng: random.Random, number: int, train_args: list[str]) -
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return {"run": number, "plan": {k: int(v) for k, v in plan.items()}, "returned": returned,
-            "statuses": [r.info.status for r in runs], **log}
+    return {
+        "run": number,
+        "plan": {k: int(v) for k, v in plan.items()},
+        "returned": returned,
+        "statuses": [r.info.status for r in runs],
+        **log,
+    }
 
 
 def run(mode: str, runs: int, seed: int, train_args: list[str]) -> None:

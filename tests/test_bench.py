@@ -23,13 +23,34 @@ from gptexp.runtime import physical_cores
 from conftest import cli_env
 
 TINY = Sizes(
-    model={"vocab_size": 50257, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
-           "drop_rate": 0.1, "qkv_bias": False},
-    batch=2, train_reps=2, train_budget_s=5.0, compile=False, bf16_slow_shape=(1, 8),
-    peak_n=256, peak_reps=1, opt_reps=1,
-    eval_tokens=97, eval_bf16_slow_tokens=33, eval_reps=2, eval_budget_s=5.0,
-    gen_new=8, gen_bf16_slow_new=4, gen_reps=2, gen_budget_s=5.0,
-    data_s1_tokens=2_000, data_big_tokens=5_000, data_reps=1,
+    model={
+        "vocab_size": 50257,
+        "context_length": 32,
+        "emb_dim": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "drop_rate": 0.1,
+        "qkv_bias": False,
+    },
+    batch=2,
+    train_reps=2,
+    train_budget_s=5.0,
+    compile=False,
+    bf16_slow_shape=(1, 8),
+    peak_n=256,
+    peak_reps=1,
+    opt_reps=1,
+    eval_tokens=97,
+    eval_bf16_slow_tokens=33,
+    eval_reps=2,
+    eval_budget_s=5.0,
+    gen_new=8,
+    gen_bf16_slow_new=4,
+    gen_reps=2,
+    gen_budget_s=5.0,
+    data_s1_tokens=2_000,
+    data_big_tokens=5_000,
+    data_reps=1,
 )
 
 
@@ -169,20 +190,33 @@ def test_cli_arguments_parse():
 WITHOUT_THE_BOOK = "import sys; sys.modules['llms_from_scratch'] = None; "
 
 
-@pytest.mark.parametrize("how", [
-    "from gptexp.cli import main; sys.exit(main(sys.argv[1:]))",
-    "import runpy; runpy.run_module('gptexp.bench', run_name='__main__', alter_sys=True)",
-], ids=["gptexp bench", "python -m gptexp.bench"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "from gptexp.cli import main; sys.exit(main(sys.argv[1:]))",
+        "import runpy; runpy.run_module('gptexp.bench', run_name='__main__', alter_sys=True)",
+    ],
+    ids=["gptexp bench", "python -m gptexp.bench"],
+)
 def test_without_the_books_package_bench_is_one_line_exit_2_and_writes_nothing(tmp_path, how):
     args = ["bench", "--quick", "--out", str(tmp_path / "out" / "bench.json")]
     if "runpy" in how:
         args = args[1:]
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_THE_BOOK + how, *args], cwd=tmp_path,
-                          env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_BOOK + how, *args],
+        cwd=tmp_path,
+        env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
-    assert proc.stderr.startswith("gptexp: error: gptexp bench measures gptexp against the book's package "
-                                  "llms-from-scratch") and proc.stderr.count("\n") == 1
+    assert (
+        proc.stderr.startswith(
+            "gptexp: error: gptexp bench measures gptexp against the book's package llms-from-scratch"
+        )
+        and proc.stderr.count("\n") == 1
+    )
     assert "pip install --no-deps llms-from-scratch==1.0.19" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no JSON, no MLflow store

@@ -32,7 +32,9 @@ def book_tests_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tests"
 
 
-def test_the_books_own_ch02_ch04_ch05_appendix_d_and_generation_tests_pass_unmodified_through_the_shim(tmp_path, verdict_path):
+def test_the_books_own_ch02_ch04_ch05_appendix_d_and_generation_tests_pass_unmodified_through_the_shim(
+    tmp_path, verdict_path
+):
     # The book's ch02 test reads the-verdict.txt from the working directory (else downloads it).
     (tmp_path / "the-verdict.txt").write_bytes(verdict_path.read_bytes())
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not this repo's pytest settings
@@ -41,9 +43,26 @@ def test_the_books_own_ch02_ch04_ch05_appendix_d_and_generation_tests_pass_unmod
     # Nothing is written beside the book's files: no bytecode, no pytest cache.
     env = cli_env(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), PYTHONDONTWRITEBYTECODE=1)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "book_shim", "-p", "no:cacheprovider", "-c", "pytest.ini",
-         f"--rootdir={book_tests_dir()}", "-q", f"--junitxml={report}", *files],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "book_shim",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            "pytest.ini",
+            f"--rootdir={book_tests_dir()}",
+            "-q",
+            f"--junitxml={report}",
+            *files,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     suite = ET.parse(report).getroot().find("testsuite")
@@ -54,6 +73,7 @@ def test_the_books_own_ch02_ch04_ch05_appendix_d_and_generation_tests_pass_unmod
 
 
 # --- GPTModelFast ---------------------------------------------------------------------------------
+
 
 def test_gpt_model_fast_is_the_fast_impl_with_gpt_models_keys_and_seeded_weights():
     torch.manual_seed(123)
@@ -91,6 +111,7 @@ def test_gpt_model_fast_refuses_impl_book():
 
 # --- generation returns ordinary tensors -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generated_ids_are_ordinary_tensors_that_can_be_written_and_trained_on_as_the_books(book, use_cache):
     torch.manual_seed(123)
@@ -111,6 +132,7 @@ def test_generated_ids_are_ordinary_tensors_that_can_be_written_and_trained_on_a
 
 
 # --- GPTDatasetV1 ------------------------------------------------------------------------------
+
 
 def test_input_ids_and_target_ids_are_the_books_per_window_tensors(book, tokenizer, verdict_text):
     ours = gptexp.GPTDatasetV1(verdict_text, tokenizer, 16, 8)
@@ -154,8 +176,9 @@ def test_a_tokenizer_with_only_encode_gives_the_books_windows(book, verdict_text
     theirs = book.GPTDatasetV1(verdict_text, words, 12, 5)
     assert len(ours) == len(theirs) > 0
     assert ours.token_ids.dtype == np.uint16  # inferred from the largest id
-    assert all(torch.equal(ours[i][0], theirs[i][0]) and torch.equal(ours[i][1], theirs[i][1])
-               for i in range(len(theirs)))
+    assert all(
+        torch.equal(ours[i][0], theirs[i][0]) and torch.equal(ours[i][1], theirs[i][1]) for i in range(len(theirs))
+    )
 
 
 def test_token_ids_beyond_uint16_keep_their_values_without_n_vocab(verdict_text):
@@ -176,6 +199,7 @@ def test_an_encode_that_takes_only_the_text_works_too(verdict_text):
 
 
 # --- empty loaders and the errors that replace NaN ---------------------------------------------
+
 
 def test_a_split_shorter_than_one_window_gives_an_empty_loader_as_the_books(book, verdict_text):
     _, val_text = gptexp.split_text(verdict_text, 0.9)  # 2,048 characters: fewer tokens than 1,024 + 1

@@ -58,10 +58,12 @@ def _books(book):
 def _setup(model_cls, create_loader, texts, lr=4e-4):
     train_text, val_text = texts
     torch.manual_seed(123)
-    train_loader = create_loader(train_text, batch_size=2, max_length=32, stride=32, drop_last=True, shuffle=True,
-                                 num_workers=0)
-    val_loader = create_loader(val_text, batch_size=2, max_length=32, stride=32, drop_last=False, shuffle=False,
-                               num_workers=0)
+    train_loader = create_loader(
+        train_text, batch_size=2, max_length=32, stride=32, drop_last=True, shuffle=True, num_workers=0
+    )
+    val_loader = create_loader(
+        val_text, batch_size=2, max_length=32, stride=32, drop_last=False, shuffle=False, num_workers=0
+    )
     torch.manual_seed(123)
     model = model_cls(dict(SMALL_CFG, impl="book")) if model_cls is gptexp.GPTModel else model_cls(SMALL_CFG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -75,12 +77,23 @@ def _assert_same_weights(ours, theirs):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_train_model_simple_returns_prints_and_trains_exactly_as_the_books(book, ch05, verdict_slice, tokenizer,
-                                                                          capsys):
+def test_train_model_simple_returns_prints_and_trains_exactly_as_the_books(
+    book, ch05, verdict_slice, tokenizer, capsys
+):
     def train(train_model_simple, classes):
         model, train_loader, val_loader, optimizer = _setup(*classes, verdict_slice)
-        result = train_model_simple(model, train_loader, val_loader, optimizer, torch.device("cpu"), num_epochs=2,
-                                    eval_freq=3, eval_iter=2, start_context=START, tokenizer=tokenizer)
+        result = train_model_simple(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            torch.device("cpu"),
+            num_epochs=2,
+            eval_freq=3,
+            eval_iter=2,
+            start_context=START,
+            tokenizer=tokenizer,
+        )
         return result, model, capsys.readouterr().out
 
     (ours, our_model, our_out) = train(gptexp.train_model_simple, _ours())
@@ -97,14 +110,28 @@ def test_train_model_simple_returns_prints_and_trains_exactly_as_the_books(book,
 
 @pytest.mark.parametrize("orig_book_version", [False, True])
 def test_appendix_d_train_model_gives_the_books_lrs_losses_and_weights_bit_for_bit(
-        book, appendix_d, verdict_slice, tokenizer, capsys, orig_book_version):
+    book, appendix_d, verdict_slice, tokenizer, capsys, orig_book_version
+):
     def train(train_model, classes):
         model, train_loader, val_loader, optimizer = _setup(*classes, verdict_slice, lr=1e-3)
         # warmup 7 from 1e-5 to 1e-3: a step where a different float order of the warmup
         # increment would change the rate's last bit (step 5)
-        result = train_model(model, train_loader, val_loader, optimizer, "cpu", n_epochs=2, eval_freq=4,
-                             eval_iter=2, start_context=START, tokenizer=tokenizer, warmup_steps=7,
-                             initial_lr=1e-5, min_lr=1e-6, orig_book_version=orig_book_version)
+        result = train_model(
+            model,
+            train_loader,
+            val_loader,
+            optimizer,
+            "cpu",
+            n_epochs=2,
+            eval_freq=4,
+            eval_iter=2,
+            start_context=START,
+            tokenizer=tokenizer,
+            warmup_steps=7,
+            initial_lr=1e-5,
+            min_lr=1e-6,
+            orig_book_version=orig_book_version,
+        )
         return result, model, capsys.readouterr().out
 
     ours, our_model, our_out = train(gptexp.train_model, _ours())
@@ -154,10 +181,24 @@ def test_the_runners_core_emits_the_book_loops_events_to_subscribers(verdict_sli
         def on_eval(self, event):
             seen.append(("eval", event.epoch, event.global_step))
 
-    state = train_loop(model, train_loader, val_loader, optimizer, Runtime(torch.device("cpu"), "fp32", 1),
-                       num_epochs=2, eval_freq=10, eval_iter=1, callbacks=[Record()],
-                       epoch_end=lambda trained: seen.append(("epoch", trained.epoch, trained.global_step)))
+    state = train_loop(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        Runtime(torch.device("cpu"), "fp32", 1),
+        num_epochs=2,
+        eval_freq=10,
+        eval_iter=1,
+        callbacks=[Record()],
+        epoch_end=lambda trained: seen.append(("epoch", trained.epoch, trained.global_step)),
+    )
     assert state == LoopState(epoch=2, global_step=23, tokens_seen=24 * 2 * 32)
-    assert [e for e in seen if e[0] != "step"] == [("eval", 1, 0), ("eval", 1, 10), ("epoch", 1, 11),
-                                                   ("eval", 2, 20), ("epoch", 2, 23)]
+    assert [e for e in seen if e[0] != "step"] == [
+        ("eval", 1, 0),
+        ("eval", 1, 10),
+        ("epoch", 1, 11),
+        ("eval", 2, 20),
+        ("epoch", 2, 23),
+    ]
     assert [e[2] for e in seen if e[0] == "step"] == list(range(24))

@@ -132,8 +132,14 @@ def invalid_values(text: str) -> str:
 
 
 EVAL_RUN, EVAL_CKPT, GEN_RUN, GEN_CKPT, GEN_ROOT, RESUME, RERUN = (
-    "eval --run", "eval --checkpoint", "generate --run", "generate --checkpoint", "generate --checkpoint root",
-    "train --resume", "rerun")
+    "eval --run",
+    "eval --checkpoint",
+    "generate --run",
+    "generate --checkpoint",
+    "generate --checkpoint root",
+    "train --resume",
+    "rerun",
+)
 READERS = (EVAL_RUN, EVAL_CKPT, GEN_RUN, GEN_CKPT, RESUME)
 
 
@@ -158,37 +164,70 @@ STATE_READERS, STATE_OK_FOR = (GEN_RUN, GEN_CKPT, RESUME), (GEN_RUN, GEN_CKPT)
 DAMAGES = [
     # A damaged index is ignored: the epoch folders describe themselves.
     Damage("index.json is []", _index("[]"), (), INDEX_READERS, INDEX_READERS),
-    Damage('index.json is {"last": 5}', _index('{"last": 5, "best": 5}'), (), (*INDEX_READERS, RESUME),
-           (*INDEX_READERS, RESUME)),
-    Damage("index.json points outside", _index('{"last": "../../etc", "best": "../../etc"}'), (), INDEX_READERS,
-           INDEX_READERS),
+    Damage(
+        'index.json is {"last": 5}',
+        _index('{"last": 5, "best": 5}'),
+        (),
+        (*INDEX_READERS, RESUME),
+        (*INDEX_READERS, RESUME),
+    ),
+    Damage(
+        "index.json points outside",
+        _index('{"last": "../../etc", "best": "../../etc"}'),
+        (),
+        INDEX_READERS,
+        INDEX_READERS,
+    ),
     Damage("index.json is not JSON", _index("{not json"), (), INDEX_READERS, INDEX_READERS),
-    Damage("state.pt is a list", lambda a: edit_state(a, lambda s: [1, 2, 3]), (RESUME,), STATE_OK_FOR,
-           STATE_READERS),
-    Damage("state.pt lacks keys", lambda a: edit_state(a, lambda s: {"epoch": 1}), (RESUME,), STATE_OK_FOR,
-           STATE_READERS),
-    Damage("state.pt has wrong types", lambda a: edit_state(a, lambda s: dict(s, epoch="1", rng=[])), (RESUME,),
-           STATE_OK_FOR, STATE_READERS),
-    Damage("state.pt holds a foreign class", lambda a: edit_state(a, lambda s: dict(s, extra=argparse.Namespace())),
-           (RESUME,), STATE_OK_FOR, STATE_READERS),
-    Damage("state.pt is truncated", lambda a: truncate(epoch1(a) / ckpt.STATE), (RESUME,), STATE_OK_FOR,
-           STATE_READERS),
-    Damage("state.pt is missing", lambda a: (epoch1(a) / ckpt.STATE).unlink(), (RESUME,), STATE_OK_FOR,
-           STATE_READERS),
+    Damage("state.pt is a list", lambda a: edit_state(a, lambda s: [1, 2, 3]), (RESUME,), STATE_OK_FOR, STATE_READERS),
+    Damage(
+        "state.pt lacks keys", lambda a: edit_state(a, lambda s: {"epoch": 1}), (RESUME,), STATE_OK_FOR, STATE_READERS
+    ),
+    Damage(
+        "state.pt has wrong types",
+        lambda a: edit_state(a, lambda s: dict(s, epoch="1", rng=[])),
+        (RESUME,),
+        STATE_OK_FOR,
+        STATE_READERS,
+    ),
+    Damage(
+        "state.pt holds a foreign class",
+        lambda a: edit_state(a, lambda s: dict(s, extra=argparse.Namespace())),
+        (RESUME,),
+        STATE_OK_FOR,
+        STATE_READERS,
+    ),
+    Damage("state.pt is truncated", lambda a: truncate(epoch1(a) / ckpt.STATE), (RESUME,), STATE_OK_FOR, STATE_READERS),
+    Damage("state.pt is missing", lambda a: (epoch1(a) / ckpt.STATE).unlink(), (RESUME,), STATE_OK_FOR, STATE_READERS),
     Damage("model.safetensors is truncated", lambda a: truncate(epoch1(a) / ckpt.WEIGHTS), READERS),
     Damage("model.safetensors is empty", lambda a: replace(epoch1(a) / ckpt.WEIGHTS, b""), READERS),
     Damage("model.safetensors has wrong shapes", wrong_shapes, READERS),
     Damage("model_config.json has an absurd emb_dim", absurd_emb_dim, READERS),
-    Damage("model_config.json contradicts config.yaml",
-           lambda a: edit_model_config(a, lambda c: c.update(context_length=256)), READERS),
+    Damage(
+        "model_config.json contradicts config.yaml",
+        lambda a: edit_model_config(a, lambda c: c.update(context_length=256)),
+        READERS,
+    ),
     Damage("model_config.json is not JSON", lambda a: replace(epoch1(a) / ckpt.MODEL_CONFIG, "{"), READERS),
     Damage("model_config.json lacks keys", lambda a: edit_model_config(a, lambda c: c.pop("emb_dim")), READERS),
-    Damage("config.yaml is not YAML", lambda a: edit_both_configs(a, lambda t: "model: [unclosed\n"),
-           (*READERS, RERUN), commands=(*READERS, RERUN)),
-    Damage("config.yaml is not a mapping", lambda a: edit_both_configs(a, lambda t: "- a\n- b\n"),
-           (*READERS, RERUN), commands=(*READERS, RERUN)),
-    Damage("config.yaml has invalid values", lambda a: edit_both_configs(a, invalid_values),
-           (*READERS, RERUN), commands=(*READERS, RERUN)),
+    Damage(
+        "config.yaml is not YAML",
+        lambda a: edit_both_configs(a, lambda t: "model: [unclosed\n"),
+        (*READERS, RERUN),
+        commands=(*READERS, RERUN),
+    ),
+    Damage(
+        "config.yaml is not a mapping",
+        lambda a: edit_both_configs(a, lambda t: "- a\n- b\n"),
+        (*READERS, RERUN),
+        commands=(*READERS, RERUN),
+    ),
+    Damage(
+        "config.yaml has invalid values",
+        lambda a: edit_both_configs(a, invalid_values),
+        (*READERS, RERUN),
+        commands=(*READERS, RERUN),
+    ),
 ]
 CASES = [pytest.param(d, c, id=f"{d.name} / {c}") for d in DAMAGES for c in d.commands]
 
@@ -212,7 +251,8 @@ def running_runs(client) -> list[str]:
 
 @pytest.mark.parametrize("damage,command", CASES)
 def test_no_command_given_a_damaged_checkpoint_prints_a_traceback_or_leaves_a_run_running(
-        source_run, damage, command, capsys):
+    source_run, damage, command, capsys
+):
     client, source = source_run
     run_id, artifacts = clone_run(client, source)
     damage.apply(artifacts)
@@ -318,8 +358,10 @@ def test_an_ambiguous_or_unknown_prefix_is_one_line_naming_the_count(mlflow_stor
     capsys.readouterr()
     assert main(["compare", shared, ids[0]]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == (f"gptexp: error: run id prefix '{shared}' matches {count} runs in {mlflow_store}: "
-                           "give more characters of the id")
+    assert err.strip() == (
+        f"gptexp: error: run id prefix '{shared}' matches {count} runs in {mlflow_store}: "
+        "give more characters of the id"
+    )
     assert main(["eval", "--run", "ffffffffffffffff", "--no-track"]) == 2
     assert "no run 'ffffffffffffffff'" in capsys.readouterr().err
     assert main(["eval", "--run", "x' OR '1", "--no-track"]) == 2

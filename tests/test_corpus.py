@@ -32,9 +32,7 @@ from conftest import TINY, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
-VERDICT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
-)
+VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
 
 
 def _find_real_verdict_folder() -> Path | None:
@@ -426,7 +424,10 @@ def test_a_fifo_as_data_source_is_one_line_exit_2_from_the_cli(tmp_path: Path) -
     try:
         done = subprocess.run(
             [sys.executable, "-m", "gptexp.cli", "train", "--config", str(TINY), "--set", f"data.source={fifo}"],
-            capture_output=True, text=True, timeout=300, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"),
         )
     except subprocess.TimeoutExpired:
         pytest.fail("gptexp train blocked on the FIFO")

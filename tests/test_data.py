@@ -119,14 +119,19 @@ def write_headerless(path):
     path.write_bytes(ids.tobytes())
 
 
-@pytest.mark.parametrize("damage,problem", [
-    (lambda path: truncate(path, 4001), "is truncated"),  # the case
-    (flip_middle_byte, "is damaged"),
-    (write_headerless, "has no checksum header"),
-    (lambda path: path.write_bytes(path.read_bytes() + b"\0\0"), "is too long"),
-], ids=["truncated-to-4001-bytes", "one-byte-flipped", "old-format-without-header", "grown"])
-def test_a_token_cache_that_does_not_verify_is_rebuilt_with_a_warning(tmp_path, tokenizer, verdict_text,
-                                                                        damage, problem):
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        (lambda path: truncate(path, 4001), "is truncated"),  # the case
+        (flip_middle_byte, "is damaged"),
+        (write_headerless, "has no checksum header"),
+        (lambda path: path.write_bytes(path.read_bytes() + b"\0\0"), "is too long"),
+    ],
+    ids=["truncated-to-4001-bytes", "one-byte-flipped", "old-format-without-header", "grown"],
+)
+def test_a_token_cache_that_does_not_verify_is_rebuilt_with_a_warning(
+    tmp_path, tokenizer, verdict_text, damage, problem
+):
     counting = CountingTokenizer(tokenizer)
     expected = cached_token_ids(verdict_text, counting, tmp_path)
     path = cache_path(tmp_path, gptexp.corpus.sha256_text(verdict_text), tokenizer)
@@ -139,8 +144,7 @@ def test_a_token_cache_that_does_not_verify_is_rebuilt_with_a_warning(tmp_path, 
     assert np.array_equal(cached_token_ids(verdict_text, counting, tmp_path), expected) and counting.calls == 2
 
 
-def test_a_large_cache_is_memory_mapped_after_its_header_and_verified(tmp_path, tokenizer, verdict_text,
-                                                                      monkeypatch):
+def test_a_large_cache_is_memory_mapped_after_its_header_and_verified(tmp_path, tokenizer, verdict_text, monkeypatch):
     monkeypatch.setattr(gptexp.token_cache, "MMAP_BYTES", 1)
     expected = cached_token_ids(verdict_text, tokenizer, tmp_path)
     mapped = cached_token_ids(verdict_text, tokenizer, tmp_path)

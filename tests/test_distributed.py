@@ -45,8 +45,14 @@ def sets(settings: list[str]) -> list[str]:
 
 
 def gptexp(*args: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptexp", *args], cwd=REPO, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=DEADLINE)
+    return subprocess.run(
+        [sys.executable, "-m", "gptexp", *args],
+        cwd=REPO,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
 
 
 def only_run(client, experiment: str):
@@ -112,7 +118,8 @@ def assert_same_numbers(client, run_a: str, run_b: str, tol: float) -> None:
 
 
 def test_two_processes_log_the_one_process_losses_at_every_eval_step_and_end_with_its_weights(
-        client, one_process, two_processes):
+    client, one_process, two_processes
+):
     assert [s for s, _ in history(client, two_processes, "val_loss")] == [0, 5, 10, 15]
     assert_same_numbers(client, two_processes, one_process, 1e-4)
     # tokens_seen counts both ranks: 8 windows of 64 tokens a step, whoever computed them.
@@ -132,8 +139,12 @@ def test_a_two_process_job_is_one_finished_run_recording_where_it_ran(client, tw
     assert run.info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1
     tags = run.data.tags
-    assert (tags["gptexp.world_size"], tags["gptexp.backend"], tags["gptexp.nodes"], tags["gptexp.devices"]) == \
-        ("2", "gloo", "1", "cpu x2")
+    assert (tags["gptexp.world_size"], tags["gptexp.backend"], tags["gptexp.nodes"], tags["gptexp.devices"]) == (
+        "2",
+        "gloo",
+        "1",
+        "cpu x2",
+    )
     assert tags["gptexp.threads"] == str(max(1, physical_cores() // 2))  # the cores shared by the 2 processes
     folder = jobs.run_checkpoint(client, two_processes, "last")
     state = torch.load(folder / "state.pt", weights_only=True)
@@ -146,16 +157,34 @@ def test_a_two_process_runs_checkpoints_load_in_eval_and_generate(client, two_pr
     capsys.readouterr()
     assert main(["eval", "--run", two_processes, "--no-track"]) == 0
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("validation")]
-    assert float(line.split()[1]) == pytest.approx(client.get_run(two_processes).data.metrics["epoch_val_loss"],
-                                                   abs=5e-5)  # the table prints 4 decimals
+    assert float(line.split()[1]) == pytest.approx(
+        client.get_run(two_processes).data.metrics["epoch_val_loss"], abs=5e-5
+    )  # the table prints 4 decimals
     assert main(["generate", "--run", two_processes, "--prompt", "Every effort", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Every effort")
 
 
 def torchrun_driver(mode: str, out: Path, settings: list[str]) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(REPO / "tests" / "dist_driver.py"), mode, str(out), str(TINY), *settings],
-                          cwd=REPO, env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=DEADLINE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "tests" / "dist_driver.py"),
+            mode,
+            str(out),
+            str(TINY),
+            *settings,
+        ],
+        cwd=REPO,
+        env=cli_env(OMP_NUM_THREADS=1),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -184,8 +213,10 @@ def test_the_ranks_shares_are_the_books_batches_and_sharded_losses_the_one_proce
     model = GPTModel(config.model_cfg()).eval()
     with torch.inference_mode():
         split = evaluate_split(model, data.val_ids, config.model.context_length, "cpu", 3)
-        losses = [calc_loss_loader(data.val_loader, model, "cpu"),
-                  calc_loss_loader(data.train_loader, model, "cpu", num_batches=3)]
+        losses = [
+            calc_loss_loader(data.val_loader, model, "cpu"),
+            calc_loss_loader(data.train_loader, model, "cpu", num_batches=3),
+        ]
     for r in ranks:
         assert r["split"][1] == split.tokens
         assert r["split"][0] == pytest.approx(split.loss, abs=1e-6, rel=0)
@@ -202,20 +233,44 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 @pytest.fixture(scope="module")
 def uninterrupted(client):
     """A two-process run with dropout: the reference the killed-and-resumed run must match."""
-    done = gptexp("train", "--nproc", "2", "--config", str(TINY), *sets([*SETTINGS, "train.num_epochs=3"]),
-                  "--experiment", "ddp-uninterrupted")
+    done = gptexp(
+        "train",
+        "--nproc",
+        "2",
+        "--config",
+        str(TINY),
+        *sets([*SETTINGS, "train.num_epochs=3"]),
+        "--experiment",
+        "ddp-uninterrupted",
+    )
     assert done.returncode == 0, done.stderr
     return only_run(client, "ddp-uninterrupted").info.run_id
 
 
-def test_sigkill_of_one_rank_fails_the_run_and_resume_finishes_it_with_the_uninterrupted_metrics(
-        client, uninterrupted):
+def test_sigkill_of_one_rank_fails_the_run_and_resume_finishes_it_with_the_uninterrupted_metrics(client, uninterrupted):
     experiment = "ddp-killed"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "gptexp", "train", "--nproc", "2", "--config", str(TINY),
-         *sets([*SETTINGS, "train.num_epochs=3"]), "--experiment", experiment],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "gptexp",
+            "train",
+            "--nproc",
+            "2",
+            "--config",
+            str(TINY),
+            *sets([*SETTINGS, "train.num_epochs=3"]),
+            "--experiment",
+            experiment,
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def in_epoch_2() -> bool:  # the eval point at step 10: rank 0 has logged it, 6 steps into epoch 2
             exp = client.get_experiment_by_name(experiment)
             runs = client.search_runs([exp.experiment_id]) if exp is not None else []
@@ -250,10 +305,27 @@ def test_sigkill_of_one_rank_fails_the_run_and_resume_finishes_it_with_the_unint
 def test_sigterm_to_the_launcher_ends_the_run_killed(client):
     experiment = "ddp-sigterm"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "gptexp", "train", "--nproc", "2", "--config", str(TINY), *sets(SETTINGS),
-         "--experiment", experiment], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "gptexp",
+            "train",
+            "--nproc",
+            "2",
+            "--config",
+            str(TINY),
+            *sets(SETTINGS),
+            "--experiment",
+            experiment,
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def training() -> bool:
             exp = client.get_experiment_by_name(experiment)
             runs = client.search_runs([exp.experiment_id]) if exp is not None else []
@@ -280,8 +352,21 @@ def free_port() -> int:
 
 def test_a_process_that_cannot_join_is_one_line_exit_2_and_no_run(client):
     port = free_port()  # closed again: nobody listens there
-    done = gptexp("train", "--config", str(TINY), "--experiment", "ddp-unjoined", "--join-timeout", "2",
-                  RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    done = gptexp(
+        "train",
+        "--config",
+        str(TINY),
+        "--experiment",
+        "ddp-unjoined",
+        "--join-timeout",
+        "2",
+        RANK=1,
+        WORLD_SIZE=2,
+        LOCAL_RANK=1,
+        LOCAL_WORLD_SIZE=2,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+    )
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"gptexp: error: process 1 of 2 could not join the job at 127.0.0.1:{port} within 2 s")
@@ -296,13 +381,20 @@ def test_nproc_0_is_one_line_exit_2(capsys):
     assert line.startswith("gptexp: error: argument --nproc: must be an integer from 1 to 1024 (got '0')")
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--nproc", "3"], "train.batch_size 8 does not split over 3 process(es) x train.grad_accum_steps 1"),
-    (["--nproc", "2", "--set", "train.grad_accum_steps=3"],
-     "train.batch_size 8 is not a multiple of train.grad_accum_steps 3"),
-    (["--nproc", "2", "--set", "train.grad_accum_steps=8"],
-     "does not split over 2 process(es) x train.grad_accum_steps 8"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--nproc", "3"], "train.batch_size 8 does not split over 3 process(es) x train.grad_accum_steps 1"),
+        (
+            ["--nproc", "2", "--set", "train.grad_accum_steps=3"],
+            "train.batch_size 8 is not a multiple of train.grad_accum_steps 3",
+        ),
+        (
+            ["--nproc", "2", "--set", "train.grad_accum_steps=8"],
+            "does not split over 2 process(es) x train.grad_accum_steps 8",
+        ),
+    ],
+)
 def test_a_launch_whose_batch_does_not_split_is_one_line_exit_2_before_any_process(client, capsys, args, says):
     capsys.readouterr()
     assert main(["train", "--config", str(TINY), "--experiment", "ddp-refused", *args]) == 2
@@ -315,8 +407,10 @@ def test_commands_other_than_train_refuse_to_run_under_torchrun(capsys, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sweep", "--config", str(REPO / "configs" / "sweep.yaml")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == ("gptexp: error: gptexp sweep runs as one process, not under torchrun (WORLD_SIZE is 2): "
-                    "only gptexp train spans processes")
+    assert line == (
+        "gptexp: error: gptexp sweep runs as one process, not under torchrun (WORLD_SIZE is 2): "
+        "only gptexp train spans processes"
+    )
 
 
 def test_an_error_rank_0_meets_before_the_run_is_its_one_line_and_the_jobs_exit_2(client):

@@ -31,8 +31,19 @@ from conftest import REPO, cli_env
 
 EOT = DOC_SEPARATOR
 # The Unicode White_Space property (PropList.txt), which the regex engine behind tiktoken calls \s.
-WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
-               0x205F, 0x3000]
+WHITE_SPACE = [
+    *range(0x09, 0x0E),
+    0x20,
+    0x85,
+    0xA0,
+    0x1680,
+    *range(0x2000, 0x200B),
+    0x2028,
+    0x2029,
+    0x202F,
+    0x205F,
+    0x3000,
+]
 
 
 def pieces_of(text: str, sizes: tuple[int, ...]):
@@ -40,7 +51,7 @@ def pieces_of(text: str, sizes: tuple[int, ...]):
     i, k = 0, 0
     while i < len(text):
         n = sizes[k % len(sizes)]
-        yield text[i:i + n]
+        yield text[i : i + n]
         i, k = i + n, k + 1
 
 
@@ -75,8 +86,32 @@ def test_streamed_ids_equal_the_whole_texts_ids(tokenizer, name, chunk_chars):
 
 
 def test_streamed_ids_equal_the_whole_texts_ids_for_random_texts(tokenizer):
-    atoms = ["a", "Bc", " ", "  ", "\n", "\n\n", "\t", "'s", "'", "1", "23", "é", "日本", "😀", "\u00a0", "\u2028",
-             "\x1c", "\x85", EOT, "<|endo", "ftext|>", "!", "..", " \n "]
+    atoms = [
+        "a",
+        "Bc",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "'s",
+        "'",
+        "1",
+        "23",
+        "é",
+        "日本",
+        "😀",
+        "\u00a0",
+        "\u2028",
+        "\x1c",
+        "\x85",
+        EOT,
+        "<|endo",
+        "ftext|>",
+        "!",
+        "..",
+        " \n ",
+    ]
     rng = random.Random(0)
     for _ in range(300):
         text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 40)))
@@ -136,13 +171,18 @@ def test_a_prepared_folder_has_the_ids_digest_and_caches_of_the_whole_text(tmp_p
     folder = write_folder(tmp_path / "corpus", FOLDER_TEXTS)
     text = load_corpus(folder).text
     first_eot = text.index(EOT)
-    splits = {"0.9": 0.9, "inside-a-separator": split_ratio_at(text, first_eot + 5),
-              "after-an-emoji": split_ratio_at(text, text.index("😀") + 1), "tiny": 0.01}
+    splits = {
+        "0.9": 0.9,
+        "inside-a-separator": split_ratio_at(text, first_eot + 5),
+        "after-an-emoji": split_ratio_at(text, text.index("😀") + 1),
+        "tiny": 0.01,
+    }
     for label, ratio in splits.items():
         corpus, texts, expected = whole_text_splits(folder, ratio, tokenizer)
         data_dir = tmp_path / f"data-{label}"
-        prepared = prepare_corpus(folder, ratio, data_dir, tokenizer=tokenizer, threads=2, chunk_chars=7,
-                                  block_bytes=block_bytes)
+        prepared = prepare_corpus(
+            folder, ratio, data_dir, tokenizer=tokenizer, threads=2, chunk_chars=7, block_bytes=block_bytes
+        )
         assert prepared.corpus.sha256 == corpus.sha256 and prepared.corpus.characters == len(corpus.text)
         assert prepared.corpus.files == corpus.files
         assert prepared.corpus.text_bytes == len(corpus.text.encode("utf-8"))
@@ -169,12 +209,15 @@ def test_a_cache_written_by_the_whole_text_path_is_read_not_re_encoded(tmp_path,
 
 
 @pytest.mark.parametrize("block_bytes", [1, 2, 3, 4, 7, 4096])
-@pytest.mark.parametrize("data", [
-    b"valid \xc3\xa9 then \xff bad",
-    b"ok \xe2\x82",  # a character cut off by the end of the file
-    b"\xe2\x82\xacok\xe2(x",  # a bad continuation byte
-    b"ab\xf0\x9f\x98\x80cd\xed\xa0\x80",  # an encoded surrogate, which UTF-8 forbids
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"valid \xc3\xa9 then \xff bad",
+        b"ok \xe2\x82",  # a character cut off by the end of the file
+        b"\xe2\x82\xacok\xe2(x",  # a bad continuation byte
+        b"ab\xf0\x9f\x98\x80cd\xed\xa0\x80",  # an encoded surrogate, which UTF-8 forbids
+    ],
+)
 def test_a_file_that_is_not_utf8_is_refused_at_the_offset_load_corpus_names(tmp_path, data, block_bytes):
     path = tmp_path / "bad.txt"
     path.write_bytes(data)
@@ -225,8 +268,15 @@ def test_the_in_memory_size_limit_does_not_apply_to_a_streamed_corpus(tmp_path, 
 
 def test_a_progress_bar_shows_bytes_and_tokens(tmp_path, tokenizer, verdict_path):
     stream = io.StringIO()
-    prepare_corpus(verdict_path, 0.9, tmp_path, tokenizer=tokenizer, threads=2, chunk_chars=512,
-                   progress=Progress(stream, bars=True, refresh_s=0))
+    prepare_corpus(
+        verdict_path,
+        0.9,
+        tmp_path,
+        tokenizer=tokenizer,
+        threads=2,
+        chunk_chars=512,
+        progress=Progress(stream, bars=True, refresh_s=0),
+    )
     shown = stream.getvalue()
     assert "encoding on 2 threads" in shown and "tokens/s" in shown and "B/s" in shown
 
@@ -261,14 +311,19 @@ def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 120.
 
 
 def test_an_interrupted_prepare_leaves_no_cache_that_is_later_trusted(tmp_path, tokenizer):
-    folder = write_folder(tmp_path / "corpus", [f"Document {i}: " + "the quick brown fox jumps. " * 2000
-                                                for i in range(8)])
+    folder = write_folder(
+        tmp_path / "corpus", [f"Document {i}: " + "the quick brown fox jumps. " * 2000 for i in range(8)]
+    )
     _, (train, val), expected = whole_text_splits(folder, 0.9, tokenizer)
     data_dir, marker = tmp_path / "data", tmp_path / "stalled"
     cache = data_dir / "cache"
     names = [cache_path(cache, sha256_text(part), tokenizer) for part in (train, val)]
-    proc = subprocess.Popen([sys.executable, "-c", _STALLING_PREPARE, str(folder), str(data_dir), str(marker)],
-                            env=cli_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALLING_PREPARE, str(folder), str(data_dir), str(marker)],
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(marker.exists, "it wrote ids", proc)
         temps = sorted(cache.glob("*.tmp"), key=lambda p: p.stat().st_size)
@@ -301,8 +356,15 @@ class CtrlCOnceIdsAreWritten(Progress):
 def test_a_prepare_stopped_by_ctrl_c_removes_its_temp_files(tmp_path, tokenizer):
     folder = write_folder(tmp_path / "corpus", ["the quick brown fox jumps. " * 2000] * 3)
     with pytest.raises(KeyboardInterrupt):
-        prepare_corpus(folder, 0.9, tmp_path / "data", tokenizer=tokenizer, threads=2, chunk_chars=4096,
-                       progress=CtrlCOnceIdsAreWritten(bars=False))
+        prepare_corpus(
+            folder,
+            0.9,
+            tmp_path / "data",
+            tokenizer=tokenizer,
+            threads=2,
+            chunk_chars=4096,
+            progress=CtrlCOnceIdsAreWritten(bars=False),
+        )
     assert list((tmp_path / "data" / "cache").iterdir()) == []
 
 
@@ -343,8 +405,14 @@ def test_preparing_a_100mb_folder_stays_under_a_memory_bound_that_does_not_grow_
     folder = tmp_path / "corpus"
     try:
         generate_corpus(folder, 100 * 10**6, seed=1)
-        out = subprocess.run([sys.executable, "-c", _MEASURE_PEAK, str(folder), str(tmp_path / "data")],
-                             env=cli_env(), capture_output=True, text=True, timeout=600, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE_PEAK, str(folder), str(tmp_path / "data")],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr
         r = json.loads(out.stdout)
         assert r["bytes"] > 95 * 2**20 and r["tokens"] > 20_000_000
@@ -363,7 +431,8 @@ def own_data_dir(tmp_path, monkeypatch):
 
 
 def test_data_prepare_prints_the_counts_the_split_and_the_caches_and_a_rerun_encodes_nothing(
-        tmp_path, tokenizer, own_data_dir, capsys):
+    tmp_path, tokenizer, own_data_dir, capsys
+):
     folder = write_folder(tmp_path / "corpus", FOLDER_TEXTS)
     corpus, (train, val), expected = whole_text_splits(folder, 0.8, tokenizer)
     assert main(["data", "prepare", str(folder), "--train-ratio", "0.8", "--threads", "2"]) == 0
@@ -372,8 +441,9 @@ def test_data_prepare_prints_the_counts_the_split_and_the_caches_and_a_rerun_enc
     total = len(expected[0]) + len(expected[1])
     assert f"{len(FOLDER_TEXTS)} files" in out and f"sha256 {corpus.sha256}" in out
     assert f"{len(expected[0]):,} tokens from characters [0, {len(train):,}) encoded: {paths[0]}" in out
-    assert (f"{len(expected[1]):,} tokens from characters [{len(train):,}, {len(corpus.text):,}) "
-            f"encoded: {paths[1]}") in out
+    assert (
+        f"{len(expected[1]):,} tokens from characters [{len(train):,}, {len(corpus.text):,}) encoded: {paths[1]}"
+    ) in out
     assert f"{total:,} (train {len(expected[0]):,}, validation {len(expected[1]):,} at train_ratio 0.8)" in out
     before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
 
@@ -408,10 +478,8 @@ def exit_code(args: list[str]) -> int:
         return exc.code
 
 
-@pytest.mark.parametrize("case", ["missing", "empty-folder", "not-utf8", "blank", "fifo", "device", "ratio",
-                                  "threads"])
-def test_data_prepare_refuses_a_bad_source_in_one_line_exit_2_writing_nothing(tmp_path, own_data_dir, case,
-                                                                               capsys):
+@pytest.mark.parametrize("case", ["missing", "empty-folder", "not-utf8", "blank", "fifo", "device", "ratio", "threads"])
+def test_data_prepare_refuses_a_bad_source_in_one_line_exit_2_writing_nothing(tmp_path, own_data_dir, case, capsys):
     args, expected = _bad_sources(tmp_path)[case]
     code = exit_code(["data", "prepare", *args])
     err = capsys.readouterr().err

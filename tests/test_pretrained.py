@@ -36,12 +36,18 @@ def make_hf(vocab: int = VOCAB, n_pos: int = N_POS, d: int = D, n_layers: int = 
     for i in range(n_layers):
         h = f"h.{i}."
         hf |= {
-            h + "ln_1.weight": 1 + rand(d), h + "ln_1.bias": rand(d),
-            h + "attn.c_attn.weight": rand(d, 3 * d), h + "attn.c_attn.bias": rand(3 * d),
-            h + "attn.c_proj.weight": rand(d, d), h + "attn.c_proj.bias": rand(d),
-            h + "ln_2.weight": 1 + rand(d), h + "ln_2.bias": rand(d),
-            h + "mlp.c_fc.weight": rand(d, 4 * d), h + "mlp.c_fc.bias": rand(4 * d),
-            h + "mlp.c_proj.weight": rand(4 * d, d), h + "mlp.c_proj.bias": rand(d),
+            h + "ln_1.weight": 1 + rand(d),
+            h + "ln_1.bias": rand(d),
+            h + "attn.c_attn.weight": rand(d, 3 * d),
+            h + "attn.c_attn.bias": rand(3 * d),
+            h + "attn.c_proj.weight": rand(d, d),
+            h + "attn.c_proj.bias": rand(d),
+            h + "ln_2.weight": 1 + rand(d),
+            h + "ln_2.bias": rand(d),
+            h + "mlp.c_fc.weight": rand(d, 4 * d),
+            h + "mlp.c_fc.bias": rand(4 * d),
+            h + "mlp.c_proj.weight": rand(4 * d, d),
+            h + "mlp.c_proj.bias": rand(d),
         }
     return hf | {"ln_f.weight": 1 + rand(d), "ln_f.bias": rand(d)}
 
@@ -94,8 +100,14 @@ def test_logits_match_reference_forward(tmp_path: Path, impl: str) -> None:
     model = load_gpt2_safetensors(save(hf, tmp_path / "model.safetensors"), impl=impl, n_heads=HEADS)
     model.eval()
     assert model.cfg == {
-        "vocab_size": VOCAB, "context_length": N_POS, "emb_dim": D, "n_heads": HEADS, "n_layers": LAYERS,
-        "drop_rate": 0.0, "qkv_bias": True, "impl": impl,
+        "vocab_size": VOCAB,
+        "context_length": N_POS,
+        "emb_dim": D,
+        "n_heads": HEADS,
+        "n_layers": LAYERS,
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+        "impl": impl,
     }
     x = ids()
     with torch.no_grad():
@@ -141,8 +153,17 @@ def test_known_size_infers_n_heads(tmp_path: Path) -> None:
 
 def test_mapping_yields_exactly_the_model_keys_but_masks() -> None:
     sd = gpt2_state_dict_from_hf(make_hf(), LAYERS)
-    model = GPTModel({"vocab_size": VOCAB, "context_length": N_POS, "emb_dim": D, "n_heads": HEADS,
-                      "n_layers": LAYERS, "drop_rate": 0.0, "qkv_bias": True})
+    model = GPTModel(
+        {
+            "vocab_size": VOCAB,
+            "context_length": N_POS,
+            "emb_dim": D,
+            "n_heads": HEADS,
+            "n_layers": LAYERS,
+            "drop_rate": 0.0,
+            "qkv_bias": True,
+        }
+    )
     own = model.state_dict()
     assert set(sd) == {k for k in own if not k.endswith(".att.mask")}
     assert all(sd[k].shape == own[k].shape for k in sd)

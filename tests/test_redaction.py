@@ -29,11 +29,15 @@ CASES = [
     ("postgresql://me@corp:pw@h/db", "postgresql://me@corp:***@h/db"),  # SQLAlchemy allows '@' in the user
     ("postgresql://u:pw@h/db?application_name=a@b", "postgresql://u:***@h/db?application_name=a@b"),
     # embedded in a command line, `--storage=URL`, an error message
-    ("gptexp sweep --storage postgresql://u:p/w@h/db --n-trials 3",
-     "gptexp sweep --storage postgresql://u:***@h/db --n-trials 3"),
+    (
+        "gptexp sweep --storage postgresql://u:p/w@h/db --n-trials 3",
+        "gptexp sweep --storage postgresql://u:***@h/db --n-trials 3",
+    ),
     ("gptexp sweep --storage=postgresql://u:p/w@h/db", "gptexp sweep --storage=postgresql://u:***@h/db"),
-    ("cannot open storage postgresql://root:s3/cret@host/db (timeout): check --storage",
-     "cannot open storage postgresql://root:***@host/db (timeout): check --storage"),
+    (
+        "cannot open storage postgresql://root:s3/cret@host/db (timeout): check --storage",
+        "cannot open storage postgresql://root:***@host/db (timeout): check --storage",
+    ),
     ("a postgresql://u:p1@h/d then mysql://v:p2@k/e", "a postgresql://u:***@h/d then mysql://v:***@k/e"),
     # password= in a URL query and in libpq keyword DSNs
     ("postgresql://u@h/db?password=s3/cret&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
@@ -67,8 +71,11 @@ def test_redact_stays_linear_on_long_hostile_text():
 
 
 def test_the_command_tag_of_a_run_hides_a_storage_password(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["gptexp", "sweep", "--storage=postgresql://root:s3/cret@host/db",
-                                      "--storage", "redis://:s3/cret@host:6379/0"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["gptexp", "sweep", "--storage=postgresql://root:s3/cret@host/db", "--storage", "redis://:s3/cret@host:6379/0"],
+    )
     command = environment_tags(torch.device("cpu"), "fp32", 1)["gptexp.command"]
     assert "cret" not in command
     assert command == ("gptexp sweep --storage=postgresql://root:***@host/db --storage redis://:***@host:6379/0")
@@ -76,8 +83,16 @@ def test_the_command_tag_of_a_run_hides_a_storage_password(monkeypatch):
 
 def test_an_unreachable_storage_with_a_slash_in_its_password_is_redacted_on_stderr(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"study": "nowhere", "base": {"config": str(TINY)}, "n_trials": 1,
-                                    "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "study": "nowhere",
+                "base": {"config": str(TINY)},
+                "n_trials": 1,
+                "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}},
+            }
+        )
+    )
     capsys.readouterr()
     assert main(["sweep", "--config", str(spec), "--storage", "postgresql://u:hun/ter2@127.0.0.1:1/nowhere"]) == 2
     out, err = capsys.readouterr()
@@ -85,18 +100,27 @@ def test_an_unreachable_storage_with_a_slash_in_its_password_is_redacted_on_stde
     assert "ter2" not in out + err and len(err.strip().splitlines()) == 1
 
 
-def test_a_sweep_never_logs_or_prints_a_password_with_a_slash(tmp_path, verdict_text, mlflow_store, monkeypatch,
-                                                              capsys):
+def test_a_sweep_never_logs_or_prints_a_password_with_a_slash(
+    tmp_path, verdict_text, mlflow_store, monkeypatch, capsys
+):
     corpus = tmp_path / "verdict-head.txt"
     corpus.write_text(verdict_text[:4000], encoding="utf-8")
     study = f"redact-{uuid.uuid4().hex[:8]}"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "study": study, "experiment": "redaction-tests", "n_trials": 1,
-        "base": {"config": str(TINY), "overrides": {"train.num_epochs": 1, "data.source": str(corpus),
-                                                    "sample.max_new_tokens": 2}},
-        "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "study": study,
+                "experiment": "redaction-tests",
+                "n_trials": 1,
+                "base": {
+                    "config": str(TINY),
+                    "overrides": {"train.num_epochs": 1, "data.source": str(corpus), "sample.max_new_tokens": 2},
+                },
+                "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            }
+        )
+    )
     # The local server trusts loopback connections, so any password is accepted: a fine secret to hunt for.
     storage = "postgresql://root:s3/cret@127.0.0.1:5432/test"
     argv = ["sweep", "--config", str(spec), f"--storage={storage}"]
@@ -107,8 +131,10 @@ def test_a_sweep_never_logs_or_prints_a_password_with_a_slash(tmp_path, verdict_
         out, err = capsys.readouterr()
         assert "storage postgresql://root:***@127.0.0.1:5432/test" in out
         client = MlflowClient(mlflow_store)
-        runs = client.search_runs([client.get_experiment_by_name("redaction-tests").experiment_id],
-                                  filter_string=f"tags.`gptexp.study` = '{study}'")
+        runs = client.search_runs(
+            [client.get_experiment_by_name("redaction-tests").experiment_id],
+            filter_string=f"tags.`gptexp.study` = '{study}'",
+        )
         assert sorted(r.data.tags["gptexp.job"] for r in runs) == ["sweep", "trial"]
         logged = [out, err]
         for run in runs:

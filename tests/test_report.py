@@ -17,13 +17,31 @@ from mlflow.tracking import MlflowClient
 from gptexp.cli import main
 from gptexp.tracking import experiment_id
 
-BASE = {"model.context_length": "64", "model.emb_dim": "32", "data.stride": "64", "train.batch_size": "8",
-        "train.lr": "0.002", "train.seed": "123", "model.impl": "fast"}
+BASE = {
+    "model.context_length": "64",
+    "model.emb_dim": "32",
+    "data.stride": "64",
+    "train.batch_size": "8",
+    "train.lr": "0.002",
+    "train.seed": "123",
+    "model.impl": "fast",
+}
 T0 = 1_700_000_000_000  # ms
 
 
-def make_run(client, experiment, name, params, val_losses, *, tags=None, status="FINISHED", start=T0, seconds=75,
-             completion=" and then"):
+def make_run(
+    client,
+    experiment,
+    name,
+    params,
+    val_losses,
+    *,
+    tags=None,
+    status="FINISHED",
+    start=T0,
+    seconds=75,
+    completion=" and then",
+):
     exp_id = experiment_id(client, experiment)
     run = client.create_run(exp_id, start_time=start, tags=dict(tags or {}), run_name=name)
     rid = run.info.run_id
@@ -34,9 +52,16 @@ def make_run(client, experiment, name, params, val_losses, *, tags=None, status=
         client.log_metric(rid, "tokens_seen", 512 * 9 * epoch, step=9 * epoch - 1)
     if val_losses:
         epochs = list(range(1, len(val_losses) + 1))
-        client.log_table(rid, {"epoch": epochs, "global_step": [9 * e - 1 for e in epochs],
-                               "prompt": ["Every effort moves you"] * len(epochs),
-                               "completion": [f"{completion} (epoch {e})" for e in epochs]}, "samples/samples.json")
+        client.log_table(
+            rid,
+            {
+                "epoch": epochs,
+                "global_step": [9 * e - 1 for e in epochs],
+                "prompt": ["Every effort moves you"] * len(epochs),
+                "completion": [f"{completion} (epoch {e})" for e in epochs],
+            },
+            "samples/samples.json",
+        )
     client.set_terminated(rid, status=status, end_time=start + seconds * 1000)
     return rid
 
@@ -47,22 +72,45 @@ def store(mlflow_store):
     client = MlflowClient(mlflow_store)
     ids = {
         "base": make_run(client, "report-tests", "base_run #1 (50% & more)", BASE, [6.0, 5.5, 5.8]),
-        "wide": make_run(client, "report-tests", "wide", dict(BASE, **{"model.emb_dim": "64"}), [5.9, 5.2],
-                         completion=" the wide one"),
+        "wide": make_run(
+            client,
+            "report-tests",
+            "wide",
+            dict(BASE, **{"model.emb_dim": "64"}),
+            [5.9, 5.2],
+            completion=" the wide one",
+        ),
         "fast_lr": make_run(client, "report-tests", "fast_lr", dict(BASE, **{"train.lr": "0.004"}), [6.5, 6.4]),
     }
     for study, start, lrs in (("old-study", T0, ("0.001",)), ("lr-study", T0 + 3_600_000, ("0.001", "0.002", "0.004"))):
-        parent = make_run(client, "sweep-tests", f"sweep-{study}", {}, [], start=start,
-                          tags={"gptexp.job": "sweep", "gptexp.study": study})
+        parent = make_run(
+            client,
+            "sweep-tests",
+            f"sweep-{study}",
+            {},
+            [],
+            start=start,
+            tags={"gptexp.job": "sweep", "gptexp.study": study},
+        )
         states = ("COMPLETE", "PRUNED", "FAIL")
         losses = ([5.4, 5.1], [6.2], [])
         for n, lr in enumerate(lrs):
             ids[f"{study}-{n}"] = make_run(
-                client, "sweep-tests", f"trial-{n}", dict(BASE, **{"train.lr": lr}), losses[n],
+                client,
+                "sweep-tests",
+                f"trial-{n}",
+                dict(BASE, **{"train.lr": lr}),
+                losses[n],
                 start=start + 1000 * (n + 1),
                 status="FINISHED" if states[n] == "COMPLETE" else ("KILLED" if states[n] == "PRUNED" else "FAILED"),
-                tags={"gptexp.job": "trial", "gptexp.study": study, "gptexp.trial": str(n), "optuna.state": states[n],
-                      "mlflow.parentRunId": parent})
+                tags={
+                    "gptexp.job": "trial",
+                    "gptexp.study": study,
+                    "gptexp.trial": str(n),
+                    "optuna.state": states[n],
+                    "mlflow.parentRunId": parent,
+                },
+            )
     return client, ids
 
 
@@ -127,7 +175,7 @@ def test_latex_is_a_well_formed_tabular_with_special_characters_escaped(store, c
     begin = next(i for i, ln in enumerate(lines) if ln.startswith(r"\begin{tabular}"))
     assert lines[-1] == r"\end{tabular}" and sum(ln.startswith(r"\begin{tabular}") for ln in lines) == 1
     columns = len(re.fullmatch(r"\\begin\{tabular\}\{([lr]+)\}", lines[begin]).group(1))
-    rows = [ln for ln in lines[begin + 1:-1] if ln.endswith(r"\\")]
+    rows = [ln for ln in lines[begin + 1 : -1] if ln.endswith(r"\\")]
     assert len(rows) == 1 + 3  # header + one per run
     for row in rows:
         assert len(re.split(r"(?<!\\)&", row)) == columns, row
@@ -224,5 +272,8 @@ def test_console_tables_pad_each_column_to_its_widest_cell_and_right_align_the_n
     from gptexp.tables import aligned
 
     assert aligned(["name", "loss"], [["a", "1.5"], ["longer", "10.25"]], right={1}).splitlines() == [
-        "name     loss", "a         1.5", "longer  10.25"]
+        "name     loss",
+        "a         1.5",
+        "longer  10.25",
+    ]
     assert aligned(["metric", "ok"], [], indent="  ") == "  metric  ok"  # no rows: the header alone

@@ -41,9 +41,15 @@ def source(mlflow_store):
 
 def write_spec(path, config, result, *, name="tiny-check", seed=None, sha256=VERDICT_SHA256, bump_val_at=None):
     """A spec for `config` whose expected results are `result`'s (one val_loss bumped by 0.01 if asked)."""
-    evals = [{"step": e.global_step, "train_loss": e.train_loss,
-              "val_loss": e.val_loss + (0.01 if e.global_step == bump_val_at else 0.0),
-              "tokens_seen": e.tokens_seen} for e in result.evals]
+    evals = [
+        {
+            "step": e.global_step,
+            "train_loss": e.train_loss,
+            "val_loss": e.val_loss + (0.01 if e.global_step == bump_val_at else 0.0),
+            "tokens_seen": e.tokens_seen,
+        }
+        for e in result.evals
+    ]
     last = result.epochs[-1]
     spec = {
         "name": name,
@@ -53,8 +59,10 @@ def write_spec(path, config, result, *, name="tiny-check", seed=None, sha256=VER
         "precision": config.train.precision,
         "device": config.train.device,
         "config": config.to_dict(),
-        "expected": {"evals": evals, "sample": {"epoch": last.epoch, "prompt": last.prompt,
-                                                "text": last.prompt + last.completion}},
+        "expected": {
+            "evals": evals,
+            "sample": {"epoch": last.epoch, "prompt": last.prompt, "text": last.prompt + last.completion},
+        },
         "tolerances": {"train_loss": 1e-3, "val_loss": 1e-3, "tokens_seen": 0},
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
@@ -72,11 +80,26 @@ def comparison_rows(client, run_id):
 def test_the_ch05_spec_pins_the_books_run():
     raw = yaml.safe_load((REPO / "experiments" / "ch05-verdict.yaml").read_text())
     cfg = from_dict(raw["config"])
-    assert cfg.model_cfg() == {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12,
-                               "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False, "impl": "book"}
+    assert cfg.model_cfg() == {
+        "vocab_size": 50257,
+        "context_length": 256,
+        "emb_dim": 768,
+        "n_heads": 12,
+        "n_layers": 12,
+        "drop_rate": 0.1,
+        "qkv_bias": False,
+        "impl": "book",
+    }
     t = cfg.train
     assert (t.lr, t.weight_decay, t.batch_size, t.num_epochs, t.eval_freq, t.eval_iter, t.seed) == (
-        4e-4, 0.1, 2, 10, 5, 5, 123)
+        4e-4,
+        0.1,
+        2,
+        10,
+        5,
+        5,
+        123,
+    )
     assert (t.device, t.precision, t.compile, t.fused_adamw) == ("cpu", "fp32", False, False)
     assert (cfg.sample.start_context, cfg.sample.max_new_tokens) == ("Every effort moves you", 50)
     assert cfg.stride == 256 and cfg.data.train_ratio == 0.9
@@ -103,8 +126,19 @@ def test_the_ch05_expected_results_are_the_book_packages_18_eval_points_and_last
     assert expected["sample"]["prompt"] == "Every effort moves you"
     assert expected["sample"]["text"].startswith("Every effort moves you")
     produced = expected["produced_by"]
-    assert {"command", "code", "date", "python", "torch", "llms_from_scratch", "tiktoken",
-            "cpu", "threads", "device", "precision"} <= produced.keys()
+    assert {
+        "command",
+        "code",
+        "date",
+        "python",
+        "torch",
+        "llms_from_scratch",
+        "tiktoken",
+        "cpu",
+        "threads",
+        "device",
+        "precision",
+    } <= produced.keys()
     assert (produced["device"], produced["precision"], produced["llms_from_scratch"]) == ("cpu", "fp32", "1.0.19")
 
 
@@ -118,15 +152,19 @@ def test_reproduce_within_tolerance_passes_exit_0_and_tags_the_run(source, tmp_p
     assert main(["reproduce", str(spec), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "metric" in out and "|diff|" in out and "verdict: pass" in out
-    (run,) = [r for r in runs_of(client, config.experiment)
-              if r.data.tags.get("gptexp.experiment_spec") == "tiny-check"]
+    (run,) = [
+        r for r in runs_of(client, config.experiment) if r.data.tags.get("gptexp.experiment_spec") == "tiny-check"
+    ]
     assert run.data.tags["gptexp.verdict"] == "pass" and run.data.tags["gptexp.job"] == "reproduce"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_epochs"] == "1"  # params are the config; the tag names the spec
     rows = comparison_rows(client, run.info.run_id)
     # train_loss, val_loss and tokens_seen at each eval step, then the sample
-    assert [(r["metric"], r["step"]) for r in rows[:3]] == [("train_loss", "0"), ("val_loss", "0"),
-                                                             ("tokens_seen", "0")]
+    assert [(r["metric"], r["step"]) for r in rows[:3]] == [
+        ("train_loss", "0"),
+        ("val_loss", "0"),
+        ("tokens_seen", "0"),
+    ]
     assert len(rows) == 3 * len(result.evals) + 1 and rows[-1]["metric"] == "sample"
     assert all(r["ok"] == "true" for r in rows)
 
@@ -140,8 +178,9 @@ def test_reproduce_outside_tolerance_fails_exit_1_naming_the_point(source, tmp_p
     assert "verdict: fail" in out
     (failed,) = [ln for ln in out.splitlines() if ln.rstrip().endswith("FAIL")]
     assert failed.split()[:2] == ["val_loss", "5"]
-    (run,) = [r for r in runs_of(client, config.experiment)
-              if r.data.tags.get("gptexp.experiment_spec") == "tiny-wrong"]
+    (run,) = [
+        r for r in runs_of(client, config.experiment) if r.data.tags.get("gptexp.experiment_spec") == "tiny-wrong"
+    ]
     assert run.data.tags["gptexp.verdict"] == "fail"
     bad = [r for r in comparison_rows(client, run.info.run_id) if r["ok"] == "false"]
     assert [(r["metric"], r["step"]) for r in bad] == [("val_loss", "5")]
@@ -204,8 +243,11 @@ def test_rerun_of_an_unknown_run_is_one_line_exit_2(mlflow_store, capsys):
 
 
 def _git(repo, *args):
-    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_a_run_records_config_environment_and_the_diff_of_a_dirty_tree(mlflow_store, tmp_path, monkeypatch):

@@ -32,8 +32,14 @@ def all_runs(uri: str) -> list:
 
 
 def gptexp(args: list[str], uri: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gptexp.cli", *args], env=cli_env(MLFLOW_TRACKING_URI=uri),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptexp.cli", *args],
+        env=cli_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 @contextlib.contextmanager
@@ -61,8 +67,10 @@ def unwritable(*paths: Path):
 def test_two_trains_starting_on_a_store_that_does_not_exist_yet_both_finish(tmp_path):
     # Both processes find an empty store and would both create its tables ('table ... already exists').
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    procs = [gptexp(["train", "--config", str(TINY), "--experiment", "race", "--run-name", f"job-{i}", *ONE_EPOCH],
-                    uri) for i in range(2)]
+    procs = [
+        gptexp(["train", "--config", str(TINY), "--experiment", "race", "--run-name", f"job-{i}", *ONE_EPOCH], uri)
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
     runs = all_runs(uri)
@@ -111,15 +119,15 @@ def test_a_write_that_fails_mid_run_ends_it_failed_with_one_line_naming_the_file
     def limit_file_size():  # Python ignores SIGXFSZ, so the write fails with EFBIG instead of a signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = gptexp(["train", "--config", str(TINY), "--experiment", "full", *ONE_EPOCH], uri,
-                  preexec_fn=limit_file_size)
+    proc = gptexp(["train", "--config", str(TINY), "--experiment", "full", *ONE_EPOCH], uri, preexec_fn=limit_file_size)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("gptexp: run failed: file too large writing "), err[-3000:]
-    assert last.endswith("model.safetensors: raise the file-size limit (ulimit -f) or point MLFLOW_TRACKING_URI "
-                         "elsewhere")
+    assert last.endswith(
+        "model.safetensors: raise the file-size limit (ulimit -f) or point MLFLOW_TRACKING_URI elsewhere"
+    )
     (run,) = all_runs(uri)
     assert run.info.status == "FAILED"
     assert "File too large" in run.data.tags["gptexp.error"]

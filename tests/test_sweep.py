@@ -51,8 +51,10 @@ def write_spec(tmp_path, corpus, name="spec.yaml", **changes):
     spec = {
         "study": "s",
         "experiment": "sweep-tests",
-        "base": {"config": str(TINY), "overrides": {"train.num_epochs": 2, "data.source": str(corpus),
-                                                    "sample.max_new_tokens": 5}},
+        "base": {
+            "config": str(TINY),
+            "overrides": {"train.num_epochs": 2, "data.source": str(corpus), "sample.max_new_tokens": 5},
+        },
         "sampler": {"name": "tpe", "seed": 7},
         "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
         "n_trials": 6,
@@ -70,8 +72,9 @@ def sweep(spec, storage, *extra):
 
 
 def mlflow_runs(client, study):
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`gptexp.study` = '{study}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"tags.`gptexp.study` = '{study}'"
+    )
     parents = [r for r in runs if r.data.tags.get("gptexp.job") == "sweep"]
     children = [r for r in runs if r.data.tags.get("gptexp.job") == "trial"]
     return parents, children
@@ -149,13 +152,17 @@ def test_the_same_command_with_more_trials_resumes_the_study_under_the_same_pare
     assert_children_tell_the_truth(study, children)
 
 
-@pytest.mark.parametrize("change,extra", [
-    ({"space": {**SPACE, "train.lr": {"type": "float", "low": 1e-4, "high": 2e-2, "log": True}}}, ()),
-    ({"objective": {"metric": "epoch_train_loss"}}, ()),
-    ({}, ("--set", "train.weight_decay=0.2")),  # the base config the trials start from
-])
-def test_resuming_a_study_with_another_search_is_refused_and_adds_nothing(six, mlflow_store, tmp_path, corpus,
-                                                                         capsys, change, extra):
+@pytest.mark.parametrize(
+    "change,extra",
+    [
+        ({"space": {**SPACE, "train.lr": {"type": "float", "low": 1e-4, "high": 2e-2, "log": True}}}, ()),
+        ({"objective": {"metric": "epoch_train_loss"}}, ()),
+        ({}, ("--set", "train.weight_decay=0.2")),  # the base config the trials start from
+    ],
+)
+def test_resuming_a_study_with_another_search_is_refused_and_adds_nothing(
+    six, mlflow_store, tmp_path, corpus, capsys, change, extra
+):
     _, storage = six
     client = MlflowClient(mlflow_store)
     before = optuna.load_study(study_name="six", storage=storage)
@@ -173,15 +180,31 @@ def test_resuming_a_study_with_another_search_is_refused_and_adds_nothing(six, m
 
 
 def test_a_resumed_sweep_never_proposes_an_earlier_point_and_a_rerun_from_scratch_proposes_the_same(
-        tmp_path, corpus, mlflow_store):
+    tmp_path, corpus, mlflow_store
+):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
-    base = {"config": str(TINY), "overrides": {"train.num_epochs": 1, "data.source": str(corpus),
-                                               "sample.max_new_tokens": 0, "checkpoint.keep": "none"}}
+    base = {
+        "config": str(TINY),
+        "overrides": {
+            "train.num_epochs": 1,
+            "data.source": str(corpus),
+            "sample.max_new_tokens": 0,
+            "checkpoint.keep": "none",
+        },
+    }
 
     def one_trial_then_two_more(study_name: str):
-        spec = write_spec(tmp_path, corpus, name=f"{study_name}.yaml", study=study_name, space=space, base=base,
-                          n_trials=1, pruner={"name": "none"})  # TPE, seeded: its first 10 trials are random draws
+        spec = write_spec(
+            tmp_path,
+            corpus,
+            name=f"{study_name}.yaml",
+            study=study_name,
+            space=space,
+            base=base,
+            n_trials=1,
+            pruner={"name": "none"},
+        )  # TPE, seeded: its first 10 trials are random draws
         assert sweep(spec, storage) == 0
         assert sweep(spec, storage, "--n-trials", "3") == 0
         trials = optuna.load_study(study_name=study_name, storage=storage).trials
@@ -218,8 +241,10 @@ def frozen_while_a_trial_runs(proc, db) -> bool:
     os.killpg(proc.pid, signal.SIGSTOP)
     try:
         with contextlib.closing(sqlite3.connect(db, timeout=1)) as con:
-            (running,) = con.execute("SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                                     "WHERE t.state = 'RUNNING'").fetchone()
+            (running,) = con.execute(
+                "SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING'"
+            ).fetchone()
         if running:
             return True
     except sqlite3.OperationalError:
@@ -231,15 +256,21 @@ def frozen_while_a_trial_runs(proc, db) -> bool:
 def test_a_sweep_killed_mid_way_resumes_with_nothing_left_running(tmp_path, corpus, mlflow_store):
     spec = write_spec(tmp_path, corpus, study="killed")
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:  # kill the whole sweep once two trials are done and a third runs
             if line.startswith("trial 1:"):
                 break
-        assert wait_for(lambda: frozen_while_a_trial_runs(proc, tmp_path / "optuna.db"), 300, proc), \
+        assert wait_for(lambda: frozen_while_a_trial_runs(proc, tmp_path / "optuna.db"), 300, proc), (
             "no third trial ran"
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -266,8 +297,15 @@ def test_a_sweep_killed_mid_way_resumes_with_nothing_left_running(tmp_path, corp
 def test_a_failing_trial_fails_alone_and_the_sweep_goes_on(tmp_path, corpus, mlflow_store):
     # The first trial (enqueued) diverges at once: a NaN loss fails it, alone.
     space = {"train.lr": {"type": "categorical", "choices": [1e12, 1e-3, 2e-3]}}
-    spec = write_spec(tmp_path, corpus, study="failing", space=space, n_trials=2, pruner={"name": "none"},
-                      enqueue=[{"train.lr": 1e12}])
+    spec = write_spec(
+        tmp_path,
+        corpus,
+        study="failing",
+        space=space,
+        n_trials=2,
+        pruner={"name": "none"},
+        enqueue=[{"train.lr": 1e12}],
+    )
     storage = f"sqlite:///{tmp_path}/optuna.db"
     assert sweep(spec, storage) == 0
     study = optuna.load_study(study_name="failing", storage=storage)
@@ -299,39 +337,61 @@ def test_a_postgresql_storage_works_and_its_password_is_never_logged(tmp_path, c
         optuna.delete_study(study_name=study_name, storage=storage)
 
 
-@pytest.mark.parametrize("change,expected", [
-    ({"space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}},
-     "space.train.learning_rate is not a config key"),
-    ({"space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "empty range"),
-    ({"space": {"train.batch_size": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
-    ({"sampler": {"name": "annealing"}}, "sampler 'annealing' is unknown"),
-    ({"pruner": {"name": "patient"}}, "pruner 'patient' is unknown"),
-    ({"bogus": 1}, "unknown key(s) bogus"),
-    ({"enqueue": [{"train.weight_decay": 0.0}]}, "enqueue point names train.weight_decay"),
-    # values that used to pass the spec and fail later, some with a trial left RUNNING
-    ({"space": {"train.batch_size": {"type": "int", "low": 2, "high": 8, "step": 0.5}}},
-     "space.train.batch_size: an int range needs an integer step (got 0.5)"),
-    ({"heartbeat": {"interval": "x", "grace": 4}}, "heartbeat.interval (seconds) must be a positive integer (got 'x')"),
-    ({"heartbeat": {"interval": 5, "grace": "soon"}}, "heartbeat.grace (seconds) must be a positive integer"),
-    ({"max_failures": "x"}, "max_failures must be a positive integer (got 'x')"),
-    ({"n_trials": True}, "n_trials must be a positive integer (got True)"),
-    ({"space": {"train.lr": {"type": "float", "low": True, "high": 1e-2}}},
-     "space.train.lr.low must be a finite number"),
-    ({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": float("nan")}}},
-     "space.train.lr.high must be a finite number"),
-    ({"space": {"train.batch_size": {"type": "categorical", "choices": [[4], 8]}}},
-     "space.train.batch_size.choices must be numbers, strings, booleans or null (got [4])"),
-    ({"space": {"train.batch_size": {"type": "int", "low": 0, "high": 8}}},
-     "space.train.batch_size reaches 0, which the config refuses: train.batch_size must be at least 1"),
-    ({"base": {"config": str(TINY), "overrides": {"data.stride": 8}}},
-     "space.data.stride_fraction reaches 0.5, which the config refuses: "
-     "data.stride and data.stride_fraction are both set"),
-    ({"enqueue": [{"train.batch_size": 5}]},
-     "enqueue point train.batch_size=5 is not one of space.train.batch_size.choices"),
-    ({"sampler": {"name": "tpe", "n_startup_trials": "ten"}}, "sampler tpe fails on this space"),
-    ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: "),
-    ({"objective": ["epoch_val_loss"]}, "objective must be a metric name or a mapping"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (
+            {"space": {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}},
+            "space.train.learning_rate is not a config key",
+        ),
+        ({"space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "empty range"),
+        ({"space": {"train.batch_size": {"type": "categorical", "choices": []}}}, "choices must be a non-empty list"),
+        ({"sampler": {"name": "annealing"}}, "sampler 'annealing' is unknown"),
+        ({"pruner": {"name": "patient"}}, "pruner 'patient' is unknown"),
+        ({"bogus": 1}, "unknown key(s) bogus"),
+        ({"enqueue": [{"train.weight_decay": 0.0}]}, "enqueue point names train.weight_decay"),
+        # values that used to pass the spec and fail later, some with a trial left RUNNING
+        (
+            {"space": {"train.batch_size": {"type": "int", "low": 2, "high": 8, "step": 0.5}}},
+            "space.train.batch_size: an int range needs an integer step (got 0.5)",
+        ),
+        (
+            {"heartbeat": {"interval": "x", "grace": 4}},
+            "heartbeat.interval (seconds) must be a positive integer (got 'x')",
+        ),
+        ({"heartbeat": {"interval": 5, "grace": "soon"}}, "heartbeat.grace (seconds) must be a positive integer"),
+        ({"max_failures": "x"}, "max_failures must be a positive integer (got 'x')"),
+        ({"n_trials": True}, "n_trials must be a positive integer (got True)"),
+        (
+            {"space": {"train.lr": {"type": "float", "low": True, "high": 1e-2}}},
+            "space.train.lr.low must be a finite number",
+        ),
+        (
+            {"space": {"train.lr": {"type": "float", "low": 1e-4, "high": float("nan")}}},
+            "space.train.lr.high must be a finite number",
+        ),
+        (
+            {"space": {"train.batch_size": {"type": "categorical", "choices": [[4], 8]}}},
+            "space.train.batch_size.choices must be numbers, strings, booleans or null (got [4])",
+        ),
+        (
+            {"space": {"train.batch_size": {"type": "int", "low": 0, "high": 8}}},
+            "space.train.batch_size reaches 0, which the config refuses: train.batch_size must be at least 1",
+        ),
+        (
+            {"base": {"config": str(TINY), "overrides": {"data.stride": 8}}},
+            "space.data.stride_fraction reaches 0.5, which the config refuses: "
+            "data.stride and data.stride_fraction are both set",
+        ),
+        (
+            {"enqueue": [{"train.batch_size": 5}]},
+            "enqueue point train.batch_size=5 is not one of space.train.batch_size.choices",
+        ),
+        ({"sampler": {"name": "tpe", "n_startup_trials": "ten"}}, "sampler tpe fails on this space"),
+        ({"pruner": {"name": "median", "n_startup_trials": -1}}, "pruner median: "),
+        ({"objective": ["epoch_val_loss"]}, "objective must be a metric name or a mapping"),
+    ],
+)
 def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, mlflow_store, change, expected, capsys):
     spec = write_spec(tmp_path, corpus, study="bad", **change)
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -346,8 +406,15 @@ def test_a_bad_spec_is_one_line_exit_2_before_any_trial(tmp_path, corpus, mlflow
 def test_a_trial_whose_parameters_cannot_be_suggested_is_failed_not_left_running(tmp_path, corpus, mlflow_store):
     from gptexp.sweep import load_sweep_spec, run_sweep
 
-    spec = load_sweep_spec(write_spec(tmp_path, corpus, study="unsuggestable", n_trials=1,
-                                space={"train.batch_size": {"type": "int", "low": 2, "high": 8}}))
+    spec = load_sweep_spec(
+        write_spec(
+            tmp_path,
+            corpus,
+            study="unsuggestable",
+            n_trials=1,
+            space={"train.batch_size": {"type": "int", "low": 2, "high": 8}},
+        )
+    )
     spec.space[0].step = 0.5  # load_sweep_spec refuses this; a spec built in code can still hold it
     storage = f"sqlite:///{tmp_path}/optuna.db"
     with pytest.raises(ValueError):
@@ -385,8 +452,9 @@ def test_an_unreachable_storage_is_one_line_exit_2(tmp_path, corpus, capsys):
 
 def test_a_grid_sweep_stops_once_every_grid_point_is_tried(tmp_path, corpus, mlflow_store):
     space = {"train.lr": {"type": "categorical", "choices": [1e-3, 2e-3]}}
-    spec = write_spec(tmp_path, corpus, study="grid", space=space, n_trials=5, sampler={"name": "grid"},
-                      pruner={"name": "none"})
+    spec = write_spec(
+        tmp_path, corpus, study="grid", space=space, n_trials=5, sampler={"name": "grid"}, pruner={"name": "none"}
+    )
     storage = f"sqlite:///{tmp_path}/optuna.db"
     assert sweep(spec, storage) == 0
     study = optuna.load_study(study_name="grid", storage=storage)
@@ -414,17 +482,35 @@ def worker_pids(pid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM to the parent", "Ctrl-C to the process group",
-                                  "SIGKILL to a worker, then SIGTERM to the parent"])
+@pytest.mark.parametrize(
+    "stop", ["SIGTERM to the parent", "Ctrl-C to the process group", "SIGKILL to a worker, then SIGTERM to the parent"]
+)
 def test_a_stopped_two_worker_sweep_leaves_no_run_and_no_trial_running(tmp_path, corpus, mlflow_store, stop):
     study_name = "stopped-" + "-".join(stop.split()[:2]).lower()
     spec = write_spec(tmp_path, corpus, study=study_name, n_trials=6)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     # Long trials: both workers are mid-trial when the signal comes.
-    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "sweep", "--config", str(spec), "--storage", storage,
-                             "--workers", "2", "--set", "train.num_epochs=50"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptexp.cli",
+            "sweep",
+            "--config",
+            str(spec),
+            "--storage",
+            storage,
+            "--workers",
+            "2",
+            "--set",
+            "train.num_epochs=50",
+        ],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     client = MlflowClient(mlflow_store)
 
     def both_workers_training():
@@ -432,8 +518,9 @@ def test_a_stopped_two_worker_sweep_leaves_no_run_and_no_trial_running(tmp_path,
         return sum(c.info.status == "RUNNING" and "train_loss" in c.data.metrics for c in children) == 2
 
     try:
-        assert wait_for(both_workers_training, 300, proc), \
+        assert wait_for(both_workers_training, 300, proc), (
             f"the two workers did not both start a trial: {proc.stdout.read() if proc.poll() is not None else ''}"
+        )
         if stop.startswith("Ctrl-C"):
             os.killpg(proc.pid, signal.SIGINT)  # the terminal signals every process of the group
         else:

@@ -128,8 +128,26 @@ def test_eval_of_the_runs_checkpoint_reproduces_the_logged_final_val_loss(finish
 def test_generate_continues_a_prompt_from_a_run(finished_run, capsys):
     _, run_id = finished_run
     capsys.readouterr()
-    assert main(["generate", "--run", run_id, "--prompt", "Every effort", "--max-new-tokens", "5",
-                 "--temperature", "1.0", "--top-k", "10", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                run_id,
+                "--prompt",
+                "Every effort",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "1.0",
+                "--top-k",
+                "10",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("Every effort")
 
 
@@ -167,11 +185,16 @@ jobs.train(load_config(sys.argv[1], ["train.num_epochs=2"]), experiment=sys.argv
 
 
 def test_sigkill_in_the_second_epoch_then_resume_gives_the_uninterrupted_metrics_each_point_once(
-        finished_run, mlflow_store, tmp_path):
+    finished_run, mlflow_store, tmp_path
+):
     client, reference = finished_run
     exp, marker = "resume-tests", tmp_path / "at-step-10"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_AT_STEP_10, str(TINY), exp, str(marker)],
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AT_STEP_10, str(TINY), exp, str(marker)],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert _wait_for(marker.exists, 600, proc), "the run never reached step 10"
         proc.send_signal(signal.SIGKILL)
@@ -237,16 +260,29 @@ def small_run(tmp_path_factory, verdict_text) -> list[str]:
     head of the-verdict, 5 epochs of ~20 steps, so that signals land well before its end."""
     corpus = tmp_path_factory.mktemp("signals") / "verdict-head.txt"
     corpus.write_text(verdict_text[:3000], encoding="utf-8")
-    overrides = {"model.context_length": 16, "model.emb_dim": 16, "train.batch_size": 2, "train.eval_iter": 1,
-                 "train.threads": 1, "train.num_epochs": 5, "sample.max_new_tokens": 3, "data.source": corpus}
+    overrides = {
+        "model.context_length": 16,
+        "model.emb_dim": 16,
+        "train.batch_size": 2,
+        "train.eval_iter": 1,
+        "train.threads": 1,
+        "train.num_epochs": 5,
+        "sample.max_new_tokens": 3,
+        "data.source": corpus,
+    }
     return ["--config", str(TINY), *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]]
 
 
 def test_sigterm_to_a_training_process_ends_its_run_killed_with_exit_130(mlflow_store, small_run):
     client = MlflowClient(mlflow_store)
     exp = "sigterm-tests"
-    proc = subprocess.Popen([sys.executable, "-m", "gptexp.cli", "train", *small_run, "--experiment", exp],
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptexp.cli", "train", *small_run, "--experiment", exp],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def training():  # the first periodic evaluation is logged: the loop is running
         e = client.get_experiment_by_name(exp)
@@ -270,8 +306,13 @@ def drive(mode: str, runs: int, seed: int, train_args: list[str]) -> list[dict]:
     """signal_driver.py's report of each run: what main returned and the run's final status."""
     import json
 
-    proc = subprocess.run([sys.executable, str(DRIVER), mode, str(runs), str(seed), "--", *train_args],
-                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), mode, str(runs), str(seed), "--", *train_args],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -286,8 +327,7 @@ def test_a_sigterm_landing_in_a_gc_callback_still_stops_training_and_ends_the_ru
         assert (report["returned"], report["statuses"]) == (130, ["KILLED"]), report
 
 
-def test_a_second_signal_10_to_300_ms_after_the_first_still_ends_the_run_killed_with_exit_130(mlflow_store,
-                                                                                               small_run):
+def test_a_second_signal_10_to_300_ms_after_the_first_still_ends_the_run_killed_with_exit_130(mlflow_store, small_run):
     # SIGTERM or SIGINT, twice, at random moments: the second lands in the run's cleanup or after it.
     for report in drive("twice", 16, seed=2, train_args=small_run):
         assert report["sent"] == 2, report
@@ -300,8 +340,9 @@ def test_compile_true_trains_the_same_function_as_eager(mlflow_store):
     for exp, extra in (("compile-off", []), ("compile-on", ["--set", "train.compile=true"])):
         assert main(["train", "--config", str(TINY), *one_epoch, *extra, "--experiment", exp]) == 0
     client = MlflowClient(mlflow_store)
-    eager, compiled = (client.search_runs([client.get_experiment_by_name(e).experiment_id])[0]
-                       for e in ("compile-off", "compile-on"))
+    eager, compiled = (
+        client.search_runs([client.get_experiment_by_name(e).experiment_id])[0] for e in ("compile-off", "compile-on")
+    )
     assert compiled.data.params["train.compile"] == "True" and compiled.info.status == "FINISHED"
     for key in ("epoch_train_loss", "epoch_val_loss"):
         assert compiled.data.metrics[key] == pytest.approx(eager.data.metrics[key], abs=1e-3), key

@@ -28,8 +28,14 @@ def test_make_ui_serves_the_store_and_finds_a_run_by_its_rest_api(mlflow_store):
     client.log_metric(run_id, "epoch_val_loss", 6.5, step=1)
     client.set_terminated(run_id)
     port = free_port()
-    proc = subprocess.Popen(["make", "-s", "ui", f"PORT={port}"], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "ui", f"PORT={port}"],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}"
     try:
         deadline, body = time.monotonic() + 120, None

@@ -22,9 +22,11 @@ def require_book_package() -> ModuleType:
         for name in BOOK_MODULES:
             importlib.import_module(name)
     except ImportError as exc:
-        raise GptexpError(f"gptexp bench measures gptexp against the book's package {BOOK_PACKAGE}, which cannot be "
-                          f"imported ({first_line(exc)}): install it with `pip install --no-deps "
-                          f"{BOOK_PACKAGE}=={BOOK_PACKAGE_VERSION}` (as `make install` does)") from None
+        raise GptexpError(
+            f"gptexp bench measures gptexp against the book's package {BOOK_PACKAGE}, which cannot be "
+            f"imported ({first_line(exc)}): install it with `pip install --no-deps "
+            f"{BOOK_PACKAGE}=={BOOK_PACKAGE_VERSION}` (as `make install` does)"
+        ) from None
     return package
 
 

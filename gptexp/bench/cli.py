@@ -10,8 +10,13 @@ from .run import run_bench
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (~1-2 minutes)")
-    parser.add_argument("--out", type=Path, default=None, metavar="PATH.json",
-                        help="where to write the JSON (default bench-results/bench-<timestamp>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH.json",
+        help="where to write the JSON (default bench-results/bench-<timestamp>.json)",
+    )
     parser.add_argument("--no-mlflow", dest="log_mlflow", action="store_false", help="do not log an MLflow run")
 
 

@@ -34,8 +34,9 @@ DEFAULT_OUT_DIR = Path("bench-results")
 FILE_BYTES = 4 * 2**20
 
 
-def generate_corpus(folder: Path, total_bytes: int, seed: int = 0, file_bytes: int = FILE_BYTES,
-                    words: list[str] | None = None) -> list[Path]:
+def generate_corpus(
+    folder: Path, total_bytes: int, seed: int = 0, file_bytes: int = FILE_BYTES, words: list[str] | None = None
+) -> list[Path]:
     """A folder of .txt files, about `total_bytes` in all, of words drawn from `words` (default:
     the Verdict's, punctuation attached, so their frequencies and BPE work are an English novel's),
     with line and paragraph breaks. The same arguments give the same files."""
@@ -115,8 +116,7 @@ def _child(code: str, *args: str) -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench child failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -156,8 +156,7 @@ def run(sizes_mb: list[int], threads: int, reps: int, out: Path | None, verbose:
             print(f"[bench-data {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    result: dict = {"schema": 1, "timestamp": stamp, "threads": threads, "loadavg_1min_start": _loadavg(),
-                    "sizes": {}}
+    result: dict = {"schema": 1, "timestamp": stamp, "threads": threads, "loadavg_1min_start": _loadavg(), "sizes": {}}
     work = Path(tempfile.mkdtemp(prefix="gptexp-bench-prepare-"))
     try:
         largest = max(sizes_mb)
@@ -176,8 +175,9 @@ def run(sizes_mb: list[int], threads: int, reps: int, out: Path | None, verbose:
             result["sizes"][f"{mb}MB"] = fig
         big = result["sizes"][f"{largest}MB"]
         # The best of each: the run a noisy neighbour disturbed least.
-        result["tokens_per_s_ratio"] = (max(r["tokens_per_s"] for r in big["prepare"])
-                                        / max(r["tokens_per_s"] for r in big["baseline"]))
+        result["tokens_per_s_ratio"] = max(r["tokens_per_s"] for r in big["prepare"]) / max(
+            r["tokens_per_s"] for r in big["baseline"]
+        )
         small = result["sizes"][f"{min(sizes_mb)}MB"]["prepare"][0]
         large = big["prepare"][0]
         result["peak_rss_ratio"] = large["peak_rss_bytes"] / small["peak_rss_bytes"]
@@ -202,16 +202,26 @@ def format_table(r: dict) -> str:
         for i, b in enumerate(fig["baseline"]):
             rows.append([size, f"tiktoken batch {i + 1}", f"{b['seconds']:.1f}", f"{b['tokens_per_s']:,.0f}", "", ""])
         for i, p in enumerate(fig["prepare"]):
-            rows.append([size, f"prepare {i + 1}", f"{p['seconds']:.1f}", f"{p['tokens_per_s']:,.0f}",
-                         f"{p['peak_rss_bytes'] / mib:.0f} MiB", f"{p['peak_above_start_bytes'] / mib:.0f} MiB"])
+            rows.append(
+                [
+                    size,
+                    f"prepare {i + 1}",
+                    f"{p['seconds']:.1f}",
+                    f"{p['tokens_per_s']:,.0f}",
+                    f"{p['peak_rss_bytes'] / mib:.0f} MiB",
+                    f"{p['peak_above_start_bytes'] / mib:.0f} MiB",
+                ]
+            )
     table = aligned(["corpus", "run", "seconds", "tokens/s", "peak RSS", "above start"], rows, right=(2, 3, 4, 5))
-    return "\n".join([
-        f"data prepare ({r['threads']} threads, load {r['loadavg_1min_start']} -> {r.get('loadavg_1min_end')})",
-        table,
-        f"tokens/s, prepare over tiktoken: {r['tokens_per_s_ratio']:.2f} (goal >= 0.7)",
-        f"peak RSS, largest over smallest corpus: {r['peak_rss_ratio']:.2f} "
-        f"(above start: {r['peak_above_start_ratio']:.2f}; goal <= 1.5)",
-    ])
+    return "\n".join(
+        [
+            f"data prepare ({r['threads']} threads, load {r['loadavg_1min_start']} -> {r.get('loadavg_1min_end')})",
+            table,
+            f"tokens/s, prepare over tiktoken: {r['tokens_per_s_ratio']:.2f} (goal >= 0.7)",
+            f"peak RSS, largest over smallest corpus: {r['peak_rss_ratio']:.2f} "
+            f"(above start: {r['peak_above_start_ratio']:.2f}; goal <= 1.5)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

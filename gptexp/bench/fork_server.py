@@ -66,6 +66,7 @@ def build_windows(spec: dict) -> list[dict]:
             def build():
                 return cls(None, tok, ctx, stride)
         else:
+
             def build():
                 return cls.from_token_ids(ids, ctx, stride)
 
@@ -130,8 +131,13 @@ class DataChildren:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the folder holding this gptexp package
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-c", "from gptexp.bench.fork_server import serve; serve()"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from gptexp.bench.fork_server import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         return self
 
     def run(self, spec: dict) -> list[dict]:

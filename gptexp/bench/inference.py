@@ -29,14 +29,14 @@ def eval_figures(sizes: Sizes, bf16_native: bool, notes: list) -> dict:
     out = {"book_pkg_fp32": _book_eval_figure(sizes, ids)}
     fast = seeded(lambda: GPTModel(dict(cfg, impl="fast"))).eval()
     for prec in ("fp32", "bf16"):
-        split = ids if (prec == "fp32" or bf16_native) else ids[:sizes.eval_bf16_slow_tokens]
+        split = ids if (prec == "fp32" or bf16_native) else ids[: sizes.eval_bf16_slow_tokens]
         ctxm = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
 
         def ours(s=split, c=ctxm):
             with c:
                 return evaluate_split(fast, s, ctx, "cpu", batch_size=8)
 
-        ours(split[:min(len(split), ctx + 1)])
+        ours(split[: min(len(split), ctx + 1)])
         result = ours()
         fig = figure(repeat(ours, sizes.eval_reps, sizes.eval_budget_s), result.tokens, "tokens_per_s")
         fig.update(loss=result.loss, batch_size=8, tokens=result.tokens)
@@ -45,6 +45,7 @@ def eval_figures(sizes: Sizes, bf16_native: bool, notes: list) -> dict:
             notes.append(f"bf16 evaluation measured on {len(split)} tokens instead of {len(ids)} (no bf16 hardware)")
         out[f"fast_{prec}"] = fig
     return out
+
 
 def _book_eval_figure(sizes: Sizes, ids: np.ndarray) -> dict:
     """The book package's model (freed on return) on the book's validation loader over `ids`."""
@@ -103,8 +104,10 @@ def gen_figures(sizes: Sizes, bf16_native: bool, notes: list) -> dict:
         fig["new_tokens"] = n_new
         if n_new < sizes.gen_new:
             fig["reduced_tokens"] = True
-            notes.append(f"bf16 KV-cached generation measured on {n_new} new tokens instead of {sizes.gen_new} "
-                         "(no bf16 hardware)")
+            notes.append(
+                f"bf16 KV-cached generation measured on {n_new} new tokens instead of {sizes.gen_new} "
+                "(no bf16 hardware)"
+            )
         out[f"fast_kv_{prec}"] = fig
     out["book_pkg_fp32"]["new_tokens"] = sizes.gen_new
     # Same seed, same weights: greedy tokens should agree (a near-tie could flip one in fp32).

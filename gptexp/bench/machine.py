@@ -33,7 +33,7 @@ def matmul_peak(dtype: torch.dtype, max_n: int, reps: int, budget_s: float) -> d
     """
     best, best_n, n, rate = 0.0, 0, 256, None
     while n <= max_n:
-        flops = 2.0 * n ** 3
+        flops = 2.0 * n**3
         if rate is not None and flops / rate > budget_s:
             break
         a = torch.randn(n, n).to(dtype)

@@ -37,8 +37,9 @@ def log_to_mlflow(result: dict, json_path: Path) -> str:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     client = get_client()
     name = f"bench-{result['timestamp']}" + ("-quick" if result["quick"] else "")
-    with tracked_run(client, EXPERIMENT, run_name=name,
-                     tags={TAG_JOB: "bench", TAG_BENCH_QUICK: str(result["quick"]).lower()}) as run_id:
+    with tracked_run(
+        client, EXPERIMENT, run_name=name, tags={TAG_JOB: "bench", TAG_BENCH_QUICK: str(result["quick"]).lower()}
+    ) as run_id:
         params = {f"sizes.{k}": v for k, v in result["sizes"].items()}
         params.update({f"env.{k}": v for k, v in result["env"].items()})
         params.update({f"settings.{k}": v for k, v in result["settings"].items()})
@@ -47,6 +48,6 @@ def log_to_mlflow(result: dict, json_path: Path) -> str:
         metrics = flat_metrics(result)
         keys = list(metrics)
         for i in range(0, len(keys), 500):
-            log_metrics(client, run_id, {k: metrics[k] for k in keys[i:i + 500]}, step=0)
+            log_metrics(client, run_id, {k: metrics[k] for k in keys[i : i + 500]}, step=0)
         client.log_artifact(run_id, str(json_path))
     return run_id

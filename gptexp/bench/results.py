@@ -44,8 +44,14 @@ def format_table(r: dict) -> str:
     ratios = r["ratios"]
 
     def add(label, value, unit, ratio=None, extra=""):
-        rows.append((label, f"{value:,.1f}" if value >= 10 else f"{value:.3g}", unit,
-                     (f"{ratio:.2f}x" if ratio is not None else "") + (f"  {extra}" if extra else "")))
+        rows.append(
+            (
+                label,
+                f"{value:,.1f}" if value >= 10 else f"{value:.3g}",
+                unit,
+                (f"{ratio:.2f}x" if ratio is not None else "") + (f"  {extra}" if extra else ""),
+            )
+        )
 
     pk = r["peak"]
     add(f"matmul peak fp32 (n={pk['fp32']['n']})", pk["fp32"]["gflops"], "GFLOP/s")
@@ -58,16 +64,25 @@ def format_table(r: dict) -> str:
             add(f"AdamW step, {name}", r["optimizer"][name]["step_s"], "s", base / r["optimizer"][name]["step_s"])
     base = r["train"]["book_pkg_fp32"]["tokens_per_s"]
     for name, fig in r["train"].items():
-        add(f"train {name} ({fig['batch']}x{fig['seq']})", fig["tokens_per_s"], "tok/s", fig["tokens_per_s"] / base,
-            f"MFU {100 * fig['mfu_fp32']:.0f}% of fp32 / {100 * fig['mfu_bf16']:.0f}% of bf16 peak, "
-            f"reps {fig['reps']}")
+        add(
+            f"train {name} ({fig['batch']}x{fig['seq']})",
+            fig["tokens_per_s"],
+            "tok/s",
+            fig["tokens_per_s"] / base,
+            f"MFU {100 * fig['mfu_fp32']:.0f}% of fp32 / {100 * fig['mfu_bf16']:.0f}% of bf16 peak, reps {fig['reps']}",
+        )
     base = r["eval"]["book_pkg_fp32"]["tokens_per_s"]
     for name, fig in r["eval"].items():
         add(f"eval {name}", fig["tokens_per_s"], "tok/s", fig["tokens_per_s"] / base, f"reps {fig['reps']}")
     base = r["generate"]["book_pkg_fp32"]["tokens_per_s"]
     for name, fig in r["generate"].items():
-        add(f"generate {name} ({fig['new_tokens']} new)", fig["tokens_per_s"], "tok/s", fig["tokens_per_s"] / base,
-            f"reps {fig['reps']}")
+        add(
+            f"generate {name} ({fig['new_tokens']} new)",
+            fig["tokens_per_s"],
+            "tok/s",
+            fig["tokens_per_s"] / base,
+            f"reps {fig['reps']}",
+        )
     for case, fig in r["data"].items():
         sfx = "" if case == "stride1" else f"_{case}"
         label = f"data {fig['tokens']:,} tok {case}"
@@ -76,20 +91,29 @@ def format_table(r: dict) -> str:
             add(f"{label} book ({src})", fig[f"book_{src}"]["seconds"], "s")
             add(f"{label} ours ({src})", fig[f"ours_{src}"]["seconds"], "s", ratios[f"data_build_time{key}"])
             add(f"{label} book peak ({src})", fig[f"book_{src}"]["peak_bytes"] / 2**20, "MiB")
-            add(f"{label} ours peak ({src})", fig[f"ours_{src}"]["peak_bytes"] / 2**20, "MiB",
-                ratios[f"data_peak_memory{key}"])
+            add(
+                f"{label} ours peak ({src})",
+                fig[f"ours_{src}"]["peak_bytes"] / 2**20,
+                "MiB",
+                ratios[f"data_peak_memory{key}"],
+            )
     env = r["env"]
-    head = (f"gptexp bench ({'quick' if r['quick'] else 'full'}): torch {env['torch']}, {env['threads']} threads, "
-            f"{env['cpu']} ({env['cpu_capability']}), bf16 native: {env['bf16_native']}, "
-            f"load average {env.get('loadavg_1min_start')} -> {env.get('loadavg_1min_end')}")
+    head = (
+        f"gptexp bench ({'quick' if r['quick'] else 'full'}): torch {env['torch']}, {env['threads']} threads, "
+        f"{env['cpu']} ({env['cpu_capability']}), bf16 native: {env['bf16_native']}, "
+        f"load average {env.get('loadavg_1min_start')} -> {env.get('loadavg_1min_end')}"
+    )
     lines = [head, aligned(("figure", "value", "unit", "vs book (>1 better)"), rows, right={1})]
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     s = r["settings"]
-    lines.append(f"fastest training settings: optimizer={s['optimizer']}, threads={s['threads']}, "
-                 f"precision={s['precision']}, compile={s['compile']}")
+    lines.append(
+        f"fastest training settings: optimizer={s['optimizer']}, threads={s['threads']}, "
+        f"precision={s['precision']}, compile={s['compile']}"
+    )
     lines += [f"note: {n}" for n in r["notes"]]
     lines.append(f"elapsed {r['elapsed_s']:.0f} s")
     return "\n".join(lines)
+
 
 def write_json(result: dict, out: Path) -> Path:
     """The result as JSON at `out`, written to a temp file and renamed (never half-written)."""

@@ -26,8 +26,14 @@ from .windows import data_figures
 DEFAULT_OUT_DIR = Path("bench-results")
 
 
-def run_bench(quick: bool = False, out: Path | None = None, log_mlflow: bool = True, *,
-              sizes: Sizes | None = None, verbose: bool = True) -> dict:
+def run_bench(
+    quick: bool = False,
+    out: Path | None = None,
+    log_mlflow: bool = True,
+    *,
+    sizes: Sizes | None = None,
+    verbose: bool = True,
+) -> dict:
     """Measure everything, print the table, write the JSON, log the MLflow run; return the result.
 
     Without the book's package, or offline without the tokenizer's files (TIKTOKEN_CACHE_DIR), a
@@ -94,8 +100,12 @@ def run_bench(quick: bool = False, out: Path | None = None, log_mlflow: bool = T
             "precision": precision,
             "compile": bool(compiled) and tr[compiled[0]]["tokens_per_s"] > eager[precision],
         }
-        single = [f"{section}.{name}" for section in ("train", "eval", "generate")
-                  for name, fig in result[section].items() if fig["reps"] == 1]
+        single = [
+            f"{section}.{name}"
+            for section in ("train", "eval", "generate")
+            for name, fig in result[section].items()
+            if fig["reps"] == 1
+        ]
         if single:
             notes.append(f"one timed repetition only (a second did not fit its time budget): {', '.join(single)}")
         result["env"]["loadavg_1min_end"] = loadavg()

@@ -46,7 +46,25 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(batch=1, train_reps=2, train_budget_s=30.0, compile=False, bf16_slow_shape=(1, 4), peak_n=1024,
-              peak_reps=2, opt_reps=1, eval_tokens=257, eval_bf16_slow_tokens=33, eval_reps=2, eval_budget_s=8.0,
-              gen_new=20, gen_bf16_slow_new=4, gen_reps=2, gen_budget_s=10.0, data_s1_tokens=20_000,
-              data_big_tokens=200_000, data_reps=2, data_budget_s=3.0)
+QUICK = Sizes(
+    batch=1,
+    train_reps=2,
+    train_budget_s=30.0,
+    compile=False,
+    bf16_slow_shape=(1, 4),
+    peak_n=1024,
+    peak_reps=2,
+    opt_reps=1,
+    eval_tokens=257,
+    eval_bf16_slow_tokens=33,
+    eval_reps=2,
+    eval_budget_s=8.0,
+    gen_new=20,
+    gen_bf16_slow_new=4,
+    gen_reps=2,
+    gen_budget_s=10.0,
+    data_s1_tokens=20_000,
+    data_big_tokens=200_000,
+    data_reps=2,
+    data_budget_s=3.0,
+)

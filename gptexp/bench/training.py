@@ -36,8 +36,10 @@ def optimizer_figures(sizes: Sizes) -> dict:
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    opts = {name: torch.optim.AdamW(params, lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY, **kw)
-            for name, kw in OPTIMIZERS.items()}
+    opts = {
+        name: torch.optim.AdamW(params, lr=BOOK_LR, weight_decay=BOOK_WEIGHT_DECAY, **kw)
+        for name, kw in OPTIMIZERS.items()
+    }
     for opt in opts.values():
         opt.step()  # creates the state
     times: dict[str, list[float]] = {name: [] for name in opts}
@@ -87,8 +89,9 @@ def _gptexp_trainer(cfg: dict, impl: str, precision: str, compiled: bool, thread
     optimizer = runner.make_optimizer(model, _TRAIN_CONFIG, runtime)
     forward = compile_blocks(model, dynamic=False) if compiled else model
     name = "fused" if optimizer.defaults.get("fused") else "for_loop"
-    return _Trainer(model, optimizer, lambda x, y: runner.train_step(model, optimizer, x, y, runtime, forward=forward),
-                    name)
+    return _Trainer(
+        model, optimizer, lambda x, y: runner.train_step(model, optimizer, x, y, runtime, forward=forward), name
+    )
 
 
 def _batch(cfg: dict, batch: int, seq: int, seed: int):
@@ -168,8 +171,9 @@ def train_figures(sizes: Sizes, bf16_native: bool, peaks: dict, notes: list) -> 
     out = {}
     for name, ts in times.items():
         fig = figure(ts, tokens, "tokens_per_s")
-        fig.update(batch=sizes.batch, seq=seq, warmup_s=warmup_s[name], loss=losses[name],
-                   optimizer=optimizer_names[name])
+        fig.update(
+            batch=sizes.batch, seq=seq, warmup_s=warmup_s[name], loss=losses[name], optimizer=optimizer_names[name]
+        )
         out[name] = fig
 
     if not bf16_native:
@@ -183,9 +187,11 @@ def train_figures(sizes: Sizes, bf16_native: bool, peaks: dict, notes: list) -> 
         fig = figure(ts, b * s, "tokens_per_s")
         fig.update(batch=b, seq=s, warmup_s=warm, loss=loss[-1], optimizer=trainer.optimizer_name, reduced_shape=True)
         out["fast_bf16"] = fig
-        notes.append(f"bf16 has no hardware support on this CPU (bf16 matmul peak {peaks['bf16']['gflops']:.1f} vs "
-                     f"fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s): the bf16 training step is measured on {b}x{s} "
-                     f"tokens instead of {sizes.batch}x{seq}, and torch.compile in fp32")
+        notes.append(
+            f"bf16 has no hardware support on this CPU (bf16 matmul peak {peaks['bf16']['gflops']:.1f} vs "
+            f"fp32 {peaks['fp32']['gflops']:.1f} GFLOP/s): the bf16 training step is measured on {b}x{s} "
+            f"tokens instead of {sizes.batch}x{seq}, and torch.compile in fp32"
+        )
         flops_bf16 = _flops_per_token(cfg, s)
         out["fast_bf16"]["flops_per_token"] = flops_bf16
         del trainer

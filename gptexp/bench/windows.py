@@ -20,8 +20,11 @@ PAGE = 4096  # the floor of a peak: a build that fits in memory freed before sti
 def _word_tokens(tokenizer) -> np.ndarray:
     """Ids of tokens that are ' ' + 2-10 lowercase letters: each such word re-encodes to itself."""
     pat = re.compile(rb" [a-z]{2,10}")
-    ids = [i for i in range(tokenizer.n_vocab)
-           if i != tokenizer.eot_token and pat.fullmatch(_token_bytes(tokenizer, i) or b"")]
+    ids = [
+        i
+        for i in range(tokenizer.n_vocab)
+        if i != tokenizer.eot_token and pat.fullmatch(_token_bytes(tokenizer, i) or b"")
+    ]
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -58,10 +61,19 @@ def data_figures(sizes: Sizes, threads: int, notes: list) -> dict:
             fig = {"tokens": n_tokens, "stride": stride, "max_length": ctx}
             for impl in ("book", "ours"):
                 for source in ("text", "ids"):
-                    runs = children.run({"impl": impl, "source": source, "text_path": str(text_path),
-                                            "ids_path": str(ids_path), "max_length": ctx, "stride": stride,
-                                            "reps": sizes.data_reps, "budget_s": sizes.data_budget_s,
-                                            "threads": threads})
+                    runs = children.run(
+                        {
+                            "impl": impl,
+                            "source": source,
+                            "text_path": str(text_path),
+                            "ids_path": str(ids_path),
+                            "max_length": ctx,
+                            "stride": stride,
+                            "reps": sizes.data_reps,
+                            "budget_s": sizes.data_budget_s,
+                            "threads": threads,
+                        }
+                    )
                     fig[f"{impl}_{source}"] = {
                         "seconds": median([r["seconds"] for r in runs]),
                         "times_s": [r["seconds"] for r in runs],
@@ -72,8 +84,9 @@ def data_figures(sizes: Sizes, threads: int, notes: list) -> dict:
                         "reps": len(runs),
                     }
             if fig["book_text"]["windows"] != fig["ours_text"]["windows"]:
-                raise RuntimeError(f"window counts differ in {case}: {fig['book_text']['windows']} vs "
-                                   f"{fig['ours_text']['windows']}")
+                raise RuntimeError(
+                    f"window counts differ in {case}: {fig['book_text']['windows']} vs {fig['ours_text']['windows']}"
+                )
             out[case] = fig
     if not all(v["clean_peak"] for fig in out.values() for k, v in fig.items() if isinstance(v, dict)):
         notes.append("peak memory could not be reset (/proc/self/clear_refs): peaks are ru_maxrss deltas")
