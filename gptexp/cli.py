@@ -27,6 +27,7 @@ from .evaluation import evaluate_split
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .launch import launch, record_run_id
 from .provenance import redact
+from .run_names import add_naming_arguments, train_run_name, user_tags
 from .runner import NonFiniteLoss
 from .tables import aligned
 from .tags import TAG_CHECKPOINT, TAG_CORPUS_SHA256, TAG_JOB, TAG_SOURCE_RUN
@@ -114,8 +115,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint (same run)")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
-    p.add_argument("--run-name", metavar="NAME", help="MLflow run name")
     _add_set(p)
+    add_naming_arguments(p)
     p.add_argument(
         "--nproc",
         type=_int_in(1, 1024),
@@ -238,9 +239,13 @@ def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
 def cmd_train(args) -> int:
     if args.resume and (args.config or args.overrides):
         raise GptexpError("--resume continues a run with its recorded config: drop --config and --set")
+    if args.resume and (args.run_name or args.tags or args.note):
+        raise GptexpError("--resume continues a run under its own name and tags: drop --run-name, --tag and --note")
     if not args.resume and not args.config:
         raise GptexpError("train needs --config PATH (e.g. configs/tiny.yaml) or --resume RUN_ID")
     config = None if args.resume else load_config(args.config, args.overrides)
+    if config is not None and args.run_name is None:
+        args.run_name = train_run_name(args.config, args.overrides, config)
     if args.nproc is not None and args.nproc > 1:
         return launch(args.nproc, _worker_argv(args), config)
     # Under torchrun (or --nproc's workers): one process of a job; else SINGLE, the process alone.
@@ -250,7 +255,12 @@ def cmd_train(args) -> int:
         else:
             assert config is not None  # loaded above whenever there is no --resume
             outcome = jobs.train(
-                config, experiment=args.experiment, run_name=args.run_name, on_created=record_run_id, world=world
+                config,
+                experiment=args.experiment,
+                run_name=args.run_name,
+                tags=user_tags(args),
+                on_created=record_run_id,
+                world=world,
             )
     if outcome is None or not world.is_main:  # rank 0 reports the job
         return 0
@@ -270,11 +280,14 @@ def _worker_argv(args) -> list[str]:
         ("--resume", args.resume),
         ("--experiment", args.experiment),
         ("--run-name", args.run_name),
+        ("--note", args.note),
     ):
         if value is not None:
             argv += [flag, value]
     for item in args.overrides:
         argv += ["--set", item]
+    for key, value in args.tags:
+        argv += ["--tag", f"{key}={value}"]
     return argv + ["--join-timeout", str(args.join_timeout)]
 
 
@@ -325,20 +338,27 @@ def cmd_eval(args) -> int:
 
 
 def _track_eval(config, args, folder, data, rows) -> None:
+    """The evaluation as a child run of the run it evaluates (one row per training job in the
+    experiment's table), with training's metric names at the checkpoint's epoch; a checkpoint
+    given by path is a run of its own in the config's experiment."""
     client = get_client()
     tags = {TAG_JOB: "eval", TAG_CHECKPOINT: str(folder), TAG_CORPUS_SHA256: data.corpus.sha256}
+    experiment, epoch = config.experiment, ckpt.epoch_of(folder)
+    name = f"eval {folder.name}"
     if args.run:
         tags[TAG_SOURCE_RUN] = args.run
+        experiment = client.get_experiment(client.get_run(args.run).info.experiment_id).name
+        name = f"eval of {args.which}" + (f" (epoch {epoch})" if epoch else "")
     with (
         write_failures(client),
-        tracked_run(client, config.experiment, run_name=f"eval-{folder.name}", tags=tags) as run_id,
+        tracked_run(client, experiment, run_name=name, tags=tags, parent_run_id=args.run) as run_id,
     ):
         log_flat_params(client, run_id, run_params(config))
         values = {}
-        for name, r in rows:
-            short = "train" if name == "train" else "val"
-            values[f"eval_{short}_loss"], values[f"eval_{short}_ppl"] = r.loss, r.ppl
-        log_metrics(client, run_id, values, step=0)
+        for split, r in rows:
+            short = "train" if split == "train" else "val"
+            values[f"epoch_{short}_loss"], values[f"epoch_{short}_ppl"] = r.loss, r.ppl
+        log_metrics(client, run_id, values, step=epoch or 0)
 
 
 def cmd_generate(args) -> int:

@@ -21,20 +21,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import interrupts
-from .config import from_dict
+from .config import MAX_RUN_NAME, check_name, from_dict
 from .provenance import redact
+from .run_names import add_naming_arguments, user_tags
 from .runtime import physical_cores
+from .sweep_plots import log_plots
 from .sweep_spec import SweepError, SweepSpec, any_value, check_same_search, format_params, parse_spec, spec_dict
 from .sweep_study import default_storage, make_pruner, make_sampler, open_storage, quiet_optuna, try_sampler_and_pruner
 from .sweep_trials import Context, run_workers, work
 from .tags import TAG_JOB, TAG_OPTUNA_STORAGE, TAG_STUDY
+from .ui_view import show_sweep
 
 
 def load_sweep_spec(
@@ -50,7 +53,7 @@ def load_sweep_spec(
 # --- the sweep ---------------------------------------------------------------------------------
 
 
-def _parent_run(client, spec: SweepSpec, study, storage_url: str) -> str:
+def _parent_run(client, spec: SweepSpec, study, storage_url: str, run_name: str | None, tags: dict) -> str:
     from .tracking import experiment_id, log_flat_params
 
     rid = study.user_attrs.get("mlflow_parent_run_id")
@@ -58,14 +61,17 @@ def _parent_run(client, spec: SweepSpec, study, storage_url: str) -> str:
         with contextlib.suppress(Exception):
             run = client.get_run(rid)
             if run.info.lifecycle_stage == "active":
-                client.update_run(rid, status="RUNNING")
+                client.update_run(rid, status="RUNNING", name=run_name)
+                for k, v in tags.items():  # a resumed sweep may add a tag or a note
+                    client.set_tag(rid, k, v)
                 return rid
     run = client.create_run(
         experiment_id(client, spec.experiment),
-        run_name=f"sweep-{spec.study}",
-        tags={TAG_JOB: "sweep", TAG_STUDY: spec.study, TAG_OPTUNA_STORAGE: redact(storage_url)},
+        run_name=run_name or f"sweep-{spec.study}",
+        tags={**tags, TAG_JOB: "sweep", TAG_STUDY: spec.study, TAG_OPTUNA_STORAGE: redact(storage_url)},
     )
     rid = run.info.run_id
+    show_sweep(client, run.info.experiment_id, [p.key for p in spec.space])
     params = {
         f"sweep.{k}": v
         for k, v in {
@@ -92,7 +98,8 @@ def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) ->
     summary: dict[str, Any] = {"best": None}
     df = study.trials_dataframe()
     client.log_text(parent, df.to_csv(index=False), "trials/trials.csv")
-    _log_plots(client, parent, study)
+    for line in log_plots(client, parent, study, spec.objective, spec.reduce):
+        print(f"({line})", flush=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
@@ -126,37 +133,17 @@ def _local_best_config(client, parent: str, text: str) -> Path:
     return path
 
 
-def _log_plots(client, parent: str, study) -> None:
-    import warnings
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    storage_url: str | None = None,
+    workers: int = 1,
+    run_name: str | None = None,
+    tags: dict | None = None,
+) -> dict:
+    """Create or resume the study and run it to n_trials finished trials; returns a summary.
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    plots: dict[str, Callable[..., Any]] = {
-        "optimization_history": ovm.plot_optimization_history,
-        "param_importances": ovm.plot_param_importances,
-        "parallel_coordinate": ovm.plot_parallel_coordinate,
-        "intermediate_values": ovm.plot_intermediate_values,
-    }
-    for name, fn in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study)
-            fig = (ax[0] if hasattr(ax, "__len__") and not hasattr(ax, "figure") else ax).figure
-            fig.set_size_inches(8, 5)
-            fig.tight_layout()
-            client.log_figure(parent, fig, f"plots/{name}.png")
-            plt.close(fig)
-        except Exception as exc:  # e.g. importances need two complete trials with varied params
-            print(f"(plot {name} skipped: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", flush=True)
-
-
-def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int = 1) -> dict:
-    """Create or resume the study and run it to n_trials finished trials; returns a summary."""
+    `run_name` and `tags` (--run-name, --tag, --note) are the parent run's."""
     import optuna
 
     from .tracking import get_client, tracked_run
@@ -164,6 +151,8 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
     quiet_optuna()
     if workers < 1:
         raise SweepError(f"--workers must be at least 1 (got {workers})")
+    if run_name is not None:
+        check_name("--run-name", run_name, MAX_RUN_NAME)
     storage_url = storage_url or default_storage()
     storage = open_storage(storage_url, spec)
     cores = physical_cores()
@@ -194,7 +183,7 @@ def run_sweep(spec: SweepSpec, *, storage_url: str | None = None, workers: int =
                 study.enqueue_trial(point)
     client = get_client()
     with interrupts.deferred():  # from the parent run's (re)opening until it has ended
-        parent = _parent_run(client, spec, study, storage_url)
+        parent = _parent_run(client, spec, study, storage_url, run_name, tags or {})
         print(
             f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
             f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
@@ -250,9 +239,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a key of the base run config (repeatable)",
     )
+    add_naming_arguments(p, "sweep's parent run", "sweep-STUDY")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep_spec(args.config, overrides=args.overrides, n_trials=args.n_trials, study=args.study)
-    run_sweep(spec, storage_url=args.storage, workers=args.workers)
+    run_sweep(spec, storage_url=args.storage, workers=args.workers, run_name=args.run_name, tags=user_tags(args))
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 from . import interrupts
 from .errors import INTERRUPTS
 from .provenance import redact
+from .run_names import trial_run_name
 from .runner import Callback, EpochEvent, StopTraining
 from .sweep_spec import OBJECTIVES, SweepError, SweepSpec, any_value, format_params
 from .sweep_study import make_pruner, make_sampler, open_storage, quiet_optuna, sampler_seed
@@ -135,7 +136,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
             outcome = jobs.train(
                 config,
                 experiment=spec.experiment,
-                run_name=f"{spec.study}-trial-{trial.number}",
+                run_name=trial_run_name(trial.number, params),
                 tags=tags,
                 parent_run_id=ctx.parent_run_id,
                 callbacks=[PruneOnEpoch(trial, spec.objective)],
@@ -158,7 +159,7 @@ def run_trial(ctx: Context, study, trial, client) -> str:
                 # Its config was refused before a run existed: record the failure as a child run anyway
                 # (if MLflow cannot, the trial is still told FAIL below rather than left RUNNING).
                 with contextlib.suppress(Exception):
-                    created(_refused_run(client, ctx, trial.number, tags, note))
+                    created(_refused_run(client, ctx, trial_run_name(trial.number, params), tags, note))
     _tag_child(client, run_ids, state, value)
     if state == "COMPLETE":
         study.tell(trial, value)
@@ -176,12 +177,12 @@ def run_trial(ctx: Context, study, trial, client) -> str:
     return state
 
 
-def _refused_run(client, ctx: Context, number: int, tags: dict, error: str) -> str:
+def _refused_run(client, ctx: Context, name: str, tags: dict, error: str) -> str:
     from .tracking import experiment_id
 
     run = client.create_run(
         experiment_id(client, ctx.spec.experiment),
-        run_name=f"{ctx.spec.study}-trial-{number}",
+        run_name=name,
         tags={**tags, MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, TAG_ERROR: redact(error)[:5000]},
     )
     client.set_terminated(run.info.run_id, status="FAILED")
