@@ -41,7 +41,8 @@ CONFIG ?= configs/gpt2-124m.yaml
 SWEEP ?= configs/sweep.yaml
 SWEEP_ARGS ?=
 
-.PHONY: train sweep ui
+.PHONY: train sweep ui dashboard
+STORAGE ?= sqlite:///$(CURDIR)/mlruns/optuna.db
 
 train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tracked in MLflow
 	$(VENV)/bin/gptexp train --config $(CONFIG)
@@ -49,10 +50,18 @@ train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tra
 sweep: $(STAMP) ## the default Optuna sweep (SWEEP=configs/sweep.yaml, SWEEP_ARGS="--workers 2 ..."), nested MLflow runs
 	$(VENV)/bin/gptexp sweep --config $(SWEEP) $(SWEEP_ARGS)
 
-ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5000; PORT=... to change)
+ui: $(STAMP) ## the MLflow UI on the project's store in its model-training view, on 127.0.0.1 (PORT=5000); prints the URLs
 	@mkdir -p mlruns
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
+	@export MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}"; \
+	$(PY) -m gptexp.ui_view --base "http://127.0.0.1:$(PORT)"; \
+	exec $(VENV)/bin/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)
+
+dashboard: PORT = 8080
+dashboard: $(STAMP) ## optuna-dashboard, live, on the sweep's storage (STORAGE=..., default mlruns/optuna.db), on 127.0.0.1 (PORT=8080)
+	@$(PY) -c "import optuna_dashboard" 2>/dev/null || { echo "make dashboard needs optuna-dashboard: $(PY) -m pip install -c constraints-dev.txt -e '.[dashboard]'" >&2; exit 2; }
+	@echo "optuna-dashboard on $(STORAGE): http://127.0.0.1:$(PORT)/dashboard/"
+	$(VENV)/bin/optuna-dashboard "$(STORAGE)" --host 127.0.0.1 --port $(PORT)
 
 .PHONY: reproduce report bench
 

@@ -45,6 +45,7 @@ from .tags import (
     TAG_STOP,
     TAG_WORLD_SIZE,
 )
+from .ui_view import mark_experiment
 
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
 TAG_TEXT_LIMIT = 300
@@ -199,7 +200,8 @@ def _slug(name: str) -> str:
 
 
 def experiment_id(client, name: str) -> str:
-    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store.
+    """The id of experiment `name`, created on first use; its artifacts beside a SQLite store; marked
+    for MLflow's model-training view (gptexp.ui_view).
 
     Called just before a run is created, it refuses a store or artifact folder that cannot be written.
     """
@@ -213,6 +215,7 @@ def experiment_id(client, name: str) -> str:
                 "restore it in the MLflow UI or pick another --experiment"
             )
         require_writable(client, exp.artifact_location)
+        mark_experiment(client, exp)
         return exp.experiment_id
     location = None
     store_dir = _sqlite_dir(client.tracking_uri)
@@ -221,12 +224,13 @@ def experiment_id(client, name: str) -> str:
         location = (store_dir / "artifacts" / _slug(name)).resolve().as_uri()
     require_writable(client, location)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=location)
     except MlflowException:
-        exp = client.get_experiment_by_name(name)  # another worker created it first
-        if exp is None:
+        if client.get_experiment_by_name(name) is None:  # else another worker created it first
             raise
-        return exp.experiment_id
+    exp = client.get_experiment_by_name(name)
+    mark_experiment(client, exp)
+    return exp.experiment_id
 
 
 def local_artifact_dir(client, run_id: str) -> Path | None:
@@ -547,7 +551,11 @@ class MlflowLogger(Callback):
 
         fig = loss_figure(self._evals, self._epochs, self._steps_per_epoch)
         try:
-            self.client.log_figure(self.run_id, fig, "plots/loss.png")
+            with tempfile.TemporaryDirectory() as tmp:
+                fig.savefig(Path(tmp) / "loss.png")
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "loss.png"), "plots")
+                # MLflow's compare view shows only the files at a run's top level.
+                self.client.log_artifact(self.run_id, str(Path(tmp) / "loss.png"))
         finally:
             import matplotlib.pyplot as plt
 
