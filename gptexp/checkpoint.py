@@ -56,6 +56,12 @@ def epoch_dir_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
+def epoch_of(folder: Path) -> int | None:
+    """The epoch an `epoch-NNNN` checkpoint folder holds; None for a folder named otherwise."""
+    m = _EPOCH_DIR.fullmatch(folder.name)
+    return int(m.group(1)) if m else None
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     try:
         with open(path, "wb") as f:

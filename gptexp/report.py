@@ -124,7 +124,8 @@ def experiment_runs(client, name: str) -> list:
         names = sorted(e.name for e in client.search_experiments())
         known = ", ".join(names) if names else "none (train a run first)"
         raise GptexpError(f"no experiment {name!r} in the MLflow store: the experiments are {known}")
-    return _search(client, experiment_ids=[exp.experiment_id])
+    # One row per training job: an evaluation is a child run of the run it evaluated.
+    return [r for r in _search(client, experiment_ids=[exp.experiment_id]) if r.data.tags.get(TAG_JOB) != "eval"]
 
 
 # ---------------------------------------------------------------------------- the table
