@@ -7,7 +7,7 @@
 - The columns and expanded rows: the runs page's "share" view, an experiment tag
   `mlflow.sharedViewState.<key>` holding the page's view state, opened with
   `?viewStateShareKey=<key>`. gptexp writes one named `gptexp`: the key metrics and params as
-  columns (each sweep's searched params first) and a run-name column wide enough to read.
+  columns, each sweep's searched params first.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 # What a reader compares first: the objective, the training loss, a sweep's best, then the settings.
 KEY_METRICS = ("epoch_val_loss", "epoch_train_loss", "best_value")
 KEY_PARAMS = ("model.context_length", "train.lr", "train.batch_size", "data.stride", "train.num_epochs")
-# Wide enough for `trial 12 · ctx=128 stride=0.5ctx bs=16 lr=5.9e-3` (the default cuts names at ~15 characters).
-RUN_NAME_COLUMN, RUN_NAME_WIDTH = "attributes.`Run Name`", 340
 
 
 def column(kind: str, key: str) -> str:
@@ -36,7 +34,7 @@ def column(kind: str, key: str) -> str:
 
 def view_state(params: Sequence[str] = KEY_PARAMS) -> dict:
     columns = [column("metrics", k) for k in KEY_METRICS] + [column("params", k) for k in params]
-    return {"selectedColumns": columns, "columnOrder": columns, "columnWidths": {RUN_NAME_COLUMN: RUN_NAME_WIDTH}}
+    return {"selectedColumns": columns, "columnOrder": columns}
 
 
 def _read_view(experiment) -> dict:
