@@ -261,6 +261,7 @@ def figure(exp: Experiment, metric: str, axis: str | None = None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
     table, axes = exp.table, exp.plan["axes"]
     col = f"final {metric}"
@@ -268,10 +269,10 @@ def figure(exp: Experiment, metric: str, axis: str | None = None):
         raise GptexpError(f"metric {metric!r} is not aggregated here: the experiment has {exp.plan['metrics']}")
     if axis is not None and axis not in axes:
         raise GptexpError(f"--axis {axis} is not an axis of {exp.name}: its axes are {', '.join(axes) or 'none'}")
-    numeric = [a for a in axes if all(isinstance(v, (int, float)) for v in table[a])] if axes else []
+    numeric = [a for a in axes if pd.api.types.is_numeric_dtype(table[a])]
     axis = axis or (numeric[0] if numeric else None)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    if axis is None or not exp.plan["selection"].get("method", "").startswith("full grid"):
+    if axis is None or exp.plan.get("kind") == "sweep":
         x = range(len(table))
         ax.errorbar(x, table[f"{col} mean"], yerr=table[f"{col} std"].fillna(0), fmt="o", capsize=4)
         ax.set_xticks(list(x), list(table["cell"]), rotation=20, ha="right")

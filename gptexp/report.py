@@ -462,7 +462,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
         "--metric",
         default="epoch_val_loss",
         metavar="KEY",
-        help="sort by the best value of this metric (default epoch_val_loss)",
+        help="sort by the best value of this metric (default epoch_val_loss); with --aggregate, the figure's",
     )
     p.add_argument(
         "--format",

@@ -382,6 +382,7 @@ def plan(spec: StudySpec, code: str) -> dict:
         "name": spec.name,
         "description": spec.description,
         "spec": spec.path.name,
+        "kind": "sweep" if spec.sweep else "grid",
         "base": spec.base,
         "axes": spec.axes,
         "seeds": list(spec.seeds),

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from gptexp import checklist, jobs, study
+from gptexp import aggregate, checklist, jobs, study
 from gptexp.cli import main
 from gptexp.config import load_config
 
@@ -267,11 +267,19 @@ def test_the_latex_tabular_is_balanced_booktabs_with_escaped_underscores(outputs
     assert re.search(r"\$\d+\.\d+ \\pm \d+\.\d+\$", body)
 
 
-def test_the_figure_is_written_as_png_and_pdf(outputs):
+def test_the_figure_is_written_as_png_and_pdf(micro, outputs):
     folder, _ = outputs
     png, pdf = (folder / "figure.png").read_bytes(), (folder / "figure.pdf").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert pdf.startswith(b"%PDF") and len(pdf) > 5_000
+    # the metric against the grid axis, one error bar (one std) per cell
+    exp = aggregate.load_experiment(micro["client"], "micro")
+    fig = aggregate.figure(exp, "epoch_val_loss")
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "model.context_length" and ax.get_ylabel() == "final epoch_val_loss"
+    (line,) = ax.get_lines()[:1]
+    assert list(line.get_xdata()) == [16, 32]
+    assert list(line.get_ydata()) == pytest.approx(list(exp.table["final epoch_val_loss mean"]))
 
 
 def test_the_checklist_names_every_field_from_the_runs(micro, outputs):
