@@ -63,10 +63,17 @@ dashboard: $(STAMP) ## optuna-dashboard, live, on the sweep's storage (STORAGE=.
 	@echo "optuna-dashboard on $(STORAGE): http://127.0.0.1:$(PORT)/dashboard/"
 	$(VENV)/bin/optuna-dashboard "$(STORAGE)" --host 127.0.0.1 --port $(PORT)
 
-.PHONY: reproduce report bench
+.PHONY: reproduce report bench paper
+EXP ?=
 
 reproduce: $(STAMP) ## rerun the book's chapter-5 job (experiments/ch05-verdict.yaml) and check every eval point against the book
 	$(VENV)/bin/gptexp reproduce ch05-verdict
+
+paper: $(STAMP) ## a paper experiment (EXP=ctx-stride-ablation): train its cells x seeds (skipping finished ones), check, write table/figure/checklist to paper/EXP
+	@test -n "$(EXP)" || { echo "make paper needs EXP=..., e.g. make paper EXP=ctx-stride-ablation (a study spec in experiments/)" >&2; exit 2; }
+	@# A failed check (exit 1) still writes the outputs, so the differing numbers can be read; bad input (2) stops.
+	@rc=0; $(VENV)/bin/gptexp reproduce "$(EXP)" --quiet || rc=$$?; test $$rc -le 1 || exit $$rc; \
+		$(VENV)/bin/gptexp report --experiment "$(EXP)" --aggregate && exit $$rc
 
 report: $(STAMP) ## a table of the latest sweep's trials (else the latest experiment's runs), best first
 	$(VENV)/bin/gptexp report

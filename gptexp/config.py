@@ -135,6 +135,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile per transformer block (regional: one graph serves all)
     threads: int = 0  # 0: one per physical core
     eval_batch_size: int = 8
+    # torch.use_deterministic_algorithms for the run: CUDA kernels then pick deterministic
+    # implementations (slower; an op without one raises). CPU fp32 is deterministic either way.
+    deterministic: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .tags import (
     TAG_COMMAND,
     TAG_CPU,
     TAG_CUDA_VERSION,
+    TAG_DETERMINISTIC,
     TAG_DEVICE,
     TAG_GPU,
     TAG_PLATFORM,
@@ -143,6 +144,8 @@ def environment_tags(device: torch.device, precision: str, threads: int) -> dict
         TAG_CPU: cpu_model(),
         TAG_PLATFORM: platform.platform(),
         TAG_COMMAND: redact(" ".join(sys.argv)),
+        # As in force when the run starts (the runner sets it from train.deterministic first).
+        TAG_DETERMINISTIC: str(torch.are_deterministic_algorithms_enabled()).lower(),
     }
     if device.type == "cuda":
         tags[TAG_GPU] = torch.cuda.get_device_name(device)

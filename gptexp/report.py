@@ -463,7 +463,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
         "--metric",
         default="epoch_val_loss",
         metavar="KEY",
-        help="sort by the best value of this metric (default epoch_val_loss)",
+        help="sort by the best value of this metric (default epoch_val_loss); with --aggregate, the figure's",
     )
     p.add_argument(
         "--format",
@@ -471,7 +471,18 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="table (default), md, csv or latex; with --out, guessed from the suffix",
     )
-    p.add_argument("--out", metavar="PATH", help="write the report to this file instead of stdout")
+    p.add_argument(
+        "--out", metavar="PATH", help="write the report to this file instead of stdout (--aggregate: a folder)"
+    )
+    p.add_argument(
+        "--aggregate",
+        action="store_true",
+        help="with --experiment NAME of a study spec: mean ± std per cell, as markdown, CSV, LaTeX, a figure "
+        "and a checklist, written to --out (default paper/NAME)",
+    )
+    p.add_argument(
+        "--axis", metavar="KEY", help="with --aggregate: the grid axis of the figure's x (default the first)"
+    )
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -485,6 +496,10 @@ _SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".tex": "latex", ".txt": "table"}
 def cmd_report(args) -> int:
     from .tracking import get_client
 
+    if args.aggregate:
+        from .paper import cmd_aggregate
+
+        return cmd_aggregate(args)
     fmt = args.format or (_SUFFIX_FORMATS.get(Path(args.out).suffix.lower(), "table") if args.out else "table")
     report = build_report(get_client(), experiment=args.experiment, study=args.study, metric=args.metric)
     text = render(report, fmt) + "\n"

@@ -429,10 +429,17 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> None:
     """`gptexp reproduce`'s arguments; its description lists the specs in experiments/."""
     names = ", ".join(available_experiments()) or "none yet"
     p.description = (
-        f"Experiments in {EXPERIMENTS_DIR}: {names}. Exit 0 when every expected point is within tolerance, 1 otherwise."
+        f"Experiments in {EXPERIMENTS_DIR}: {names}. A single-run spec trains one run and compares every expected "
+        "point; a study spec (with seeds) trains every (cell, seed) not finished yet under one parent run and "
+        "compares the aggregates. Exit 0 when everything is within tolerance, 1 otherwise."
     )
     p.add_argument("experiment", metavar="EXPERIMENT", help="a spec name in experiments/ (e.g. ch05-verdict) or a path")
     p.add_argument("--quiet", action="store_true", help="no per-step progress")
+    p.add_argument(
+        "--write-expected",
+        action="store_true",
+        help="a study spec (one with seeds): write its expected_file from this run's aggregates instead of checking",
+    )
 
 
 def add_rerun_arguments(p: argparse.ArgumentParser) -> None:
@@ -442,6 +449,12 @@ def add_rerun_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_reproduce(args) -> int:
+    from . import paper, study
+
+    if study.is_study_spec(_read_yaml_mapping(resolve_spec_path(args.experiment), "experiment spec")):
+        return paper.cmd_reproduce_study(args)
+    if args.write_expected:
+        raise GptexpError(f"--write-expected is for study specs (with seeds); {args.experiment} is a single run")
     out = reproduce(args.experiment, console=not args.quiet)
     spec = out.spec
     print(f"experiment {spec.name} ({spec.path}) - run {out.run_id}")

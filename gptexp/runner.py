@@ -39,7 +39,7 @@ from .errors import INTERRUPTS, first_line
 from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
-from .runtime import Runtime, autocast
+from .runtime import Runtime, autocast, use_deterministic_algorithms
 
 
 class StopTraining(Exception):
@@ -391,6 +391,7 @@ def run(
     callbacks = list(callbacks)
     t = config.train
     runtime.use_threads()
+    use_deterministic_algorithms(t.deterministic, runtime.device)
     result = RunResult()
 
     # The book seeds before building the loaders and again before building the model; loaders

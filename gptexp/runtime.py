@@ -117,6 +117,19 @@ class Runtime:
         torch.set_num_threads(self.threads)
 
 
+def use_deterministic_algorithms(on: bool, device: torch.device) -> None:
+    """Set torch's deterministic-algorithms switch for a run (process-wide, like the thread count,
+    so each run sets it to its own config's value rather than inherit the previous run's).
+
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first use in the process to be deterministic;
+    it is set here when missing, which is in time when this run is the process's first CUDA job.
+    """
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
 def resolve_runtime(device: str, precision: str, threads: int, world: World = SINGLE) -> Runtime:
     """A config's train.device, train.precision and train.threads, checked. Threads 0: the physical
     cores shared among the job's processes on this machine.

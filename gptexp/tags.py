@@ -5,7 +5,8 @@ parent run describe its best trial; the `mlflow.*` ones are MLflow's own, named 
 read them.
 """
 
-# What made the run: train, trial, sweep, eval, reproduce or bench.
+# What made the run: train, trial, sweep, eval, reproduce, bench, paper (an experiment's parent run)
+# or paper_run (one cell and seed of it).
 TAG_JOB = "gptexp.job"
 TAG_BENCH_QUICK = "gptexp.quick"  # a bench run: true for `gptexp bench --quick`
 # How the run ended: completed, failed, interrupted or a stop's own status (e.g. pruned).
@@ -48,6 +49,7 @@ TAG_THREADS = "gptexp.threads"
 TAG_CPU = "gptexp.cpu"
 TAG_GPU = "gptexp.gpu"
 TAG_PLATFORM = "gptexp.platform"
+TAG_DETERMINISTIC = "gptexp.deterministic"  # whether torch.use_deterministic_algorithms was on
 # The processes of the job (gptexp.distributed): 1 and none for a single process.
 TAG_WORLD_SIZE = "gptexp.world_size"
 TAG_BACKEND = "gptexp.backend"  # gloo, nccl or none
@@ -64,6 +66,13 @@ TAG_EXPERIMENT_SPEC = "gptexp.experiment_spec"  # the name of the reproduced spe
 TAG_VERDICT = "gptexp.verdict"  # pass or fail
 TAG_MAX_ABS_DIFF = "gptexp.max_abs_diff"  # the largest difference from the expected figures
 TAG_RERUN_OF = "gptexp.rerun_of"  # the run id a rerun repeats
+
+# Paper experiments (gptexp.study): the parent run and each (cell, seed) child carry the spec name
+# (TAG_EXPERIMENT_SPEC) and the code version; each child its cell, seed and resolved config's digest.
+TAG_CELL = "gptexp.cell"
+TAG_SEED = "gptexp.seed"
+TAG_CONFIG_SHA256 = "gptexp.config_sha256"
+TAG_CODE_VERSION = "gptexp.code_version"  # the commit, plus the digest of the diff when the tree is dirty
 
 # MLflow's own.
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
