@@ -41,7 +41,10 @@ CONFIG ?= configs/gpt2-124m.yaml
 SWEEP ?= configs/sweep.yaml
 SWEEP_ARGS ?=
 
-.PHONY: train sweep ui
+HOST ?= 127.0.0.1
+BACKEND ?=
+
+.PHONY: train sweep ui server
 
 train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tracked in MLflow
 	$(VENV)/bin/gptexp train --config $(CONFIG)
@@ -53,6 +56,9 @@ ui: $(STAMP) ## the MLflow UI on the project's store, bound to 127.0.0.1 (port 5
 	@mkdir -p mlruns
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host 127.0.0.1 --port $(PORT)
+
+server: $(STAMP) ## an MLflow tracking server for sweeps across machines (HOST=127.0.0.1 PORT=5000, BACKEND=postgresql://...)
+	$(VENV)/bin/gptexp server --host $(HOST) --port $(PORT) $(if $(BACKEND),--backend-store-uri "$(BACKEND)")
 
 .PHONY: reproduce report bench
 
