@@ -15,15 +15,21 @@ so each point is tried once across all machines.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
-from optuna.samplers import BaseSampler
+from optuna.samplers import BaseSampler, RandomSampler
 
 from .sweep_spec import SweepSpec
 
-# Draws of one trial before a repeated point is accepted (the space may hold no other point).
+# Draws of one trial before a point is picked among the untried ones (or, none left, repeated);
+# the first SAMPLER_DRAWS from the spec's sampler, the rest uniform.
 MAX_DRAWS = 32
+SAMPLER_DRAWS = 8
+# A finite space up to this many points is listed to find an untried one.
+MAX_LISTED_POINTS = 100_000
 
 
 def trial_seed(spec_seed: int, trial_number: int, draw: int = 0) -> int:
@@ -79,13 +85,41 @@ class DistinctSampler(BaseSampler):
             return {}  # enqueued (or a retry): its point is given
         taken = taken_points(study, trial.number)
         params: dict = {}
+        seed = None
         for draw in range(MAX_DRAWS if self._seed is not None else 1):
             seed = None if self._seed is None else trial_seed(self._seed, trial.number, draw)
-            params = self._propose(self._make(seed), study, trial)
+            # The spec's sampler first; a model-based one (TPE past its start-up trials) may keep
+            # proposing its favourite point whatever the seed, so the later draws are uniform.
+            inner = self._make(seed) if draw < SAMPLER_DRAWS else RandomSampler(seed=seed)
+            params = self._propose(inner, study, trial)
             if point_key(params) not in taken:
                 break
+        else:
+            params = self._untried(taken, seed) or params
         study._storage.set_trial_user_attr(trial._trial_id, "sampler_seed", seed)
         return params
+
+    def _untried(self, taken: set[tuple], seed: int | None) -> dict | None:
+        """A point of a finite space that no trial holds, chosen with `seed`; None when the space is
+        exhausted, or too large to list (a continuous range: there a repeat is all but impossible)."""
+        import numpy as np
+
+        values = []
+        for p in self._spec.space:
+            if p.type == "float" and p.step is None:
+                return None
+            values.append(p.grid_values())
+        if math.prod(len(v) for v in values) > MAX_LISTED_POINTS:
+            return None
+        keys = [p.key for p in self._spec.space]
+        free = [
+            point
+            for combo in itertools.product(*values)
+            if point_key(point := dict(zip(keys, combo, strict=True))) not in taken
+        ]
+        if not free:
+            return None
+        return free[int(np.random.default_rng(seed).integers(len(free)))]
 
     def _propose(self, inner, study, trial) -> dict:
         inner.before_trial(study, trial)
