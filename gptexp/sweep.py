@@ -6,10 +6,12 @@ status tells the truth: complete -> FINISHED, pruned -> KILLED with optuna.state
 failed -> FAILED with the error. The objective is the best epoch's validation loss, measured on
 the same validation tokens for every trial (see gptexp.evaluation.evaluate_split).
 
-Workers share the Optuna storage; a lock held while counting and asking keeps the number of
-finished trials exact; trials heartbeat (RDB storages), so the trial of a killed worker is
-failed once stale and retried once. Ctrl-C or SIGTERM stops every worker at a safe point: each
-ends its trial FAIL and its child run KILLED, then the parent run ends KILLED.
+Workers share the Optuna storage, on one machine or many; a lock per study held in the storage
+(gptexp.sweep_lock) makes one study, one parent run and one set of enqueued points whoever starts
+first, and keeps the number of finished trials exact; trials heartbeat (RDB storages), so the
+trial of a killed worker is failed once stale and retried once. Ctrl-C or SIGTERM stops every
+worker at a safe point: each ends its trial FAIL and its child run KILLED, then the parent run
+ends KILLED.
 
 The spec (no Optuna) is in gptexp.sweep_spec, the Optuna storage, samplers and pruners in
 gptexp.sweep_study, the trials and worker processes in gptexp.sweep_trials; here, the parent run,

@@ -160,7 +160,9 @@ def server(tmp_path_factory, outputs):
     try:
         wait_until(healthy, f"the MLflow server at {url} (log: {log})", [proc])
         assert f"export MLFLOW_TRACKING_URI={url}" in log.read_text()
-        yield {"url": url, "db": db, "artifacts": root / "artifacts", "log": log}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # this process's own downloads
+            yield {"url": url, "db": db, "artifacts": root / "artifacts", "log": log}
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -359,42 +361,45 @@ def test_every_command_works_from_a_fresh_directory_through_the_server_alone(swe
     assert client.get_run(killed).info.status == "FINISHED"
     assert (here.cache() / killed / "checkpoints").is_dir()  # downloaded into the cache, by run id
 
-    out = here.run("eval", "--run", killed)
-    assert "validation" in out
-    out = here.run("generate", "--run", killed, "--prompt", "Every effort moves you", "--max-new-tokens", "5")
-    assert out.startswith("Every effort moves you")
-
-    out = here.run("rerun", killed, "--quiet")
-    (rerun,) = [
-        r
-        for r in client.search_runs(
-            [client.get_experiment_by_name("remote-runs").experiment_id],
-            filter_string=f"tags.`gptexp.rerun_of` = '{killed}'",
-        )
-    ]
-    assert "identical" in out  # the resumed run's numbers, bit for bit, again
-    out = here.run("compare", killed, rerun.info.run_id)
-    assert killed[:8] in out and rerun.info.run_id[:8] in out
-
-    spec = reproduce_spec(client, killed, corpus, here.dir / "remote-check.yaml")
-    out = here.run("reproduce", str(spec), "--quiet")
-    assert "verdict: pass" in out
-
-    out = here.run("report", "--study", sweep["name"])
-    assert len([line for line in out.splitlines() if line.strip()]) > N_TRIALS
-
     (parent,), _ = sweep_runs(client, sweep["name"])
+    spec = reproduce_spec(client, killed, corpus, here.dir / "remote-check.yaml")
+    commands = {  # independent of each other: run side by side, from fresh folders of their own
+        "eval": ("eval", "--run", killed),
+        "generate": ("generate", "--run", killed, "--prompt", "Every effort moves you", "--max-new-tokens", "5"),
+        "rerun": ("rerun", killed, "--quiet"),
+        "reproduce": ("reproduce", str(spec), "--quiet"),
+        "report": ("report", "--study", sweep["name"]),
+        "best": ("train", "--config", f"runs:/{parent.info.run_id}/best/config.yaml", "--experiment", "remote-best"),
+    }
+    machines = {name: Machine(tmp_path, name, server["url"], here.outputs, cpu=i) for i, name in enumerate(commands)}
+    procs = {name: machines[name].start(*args) for name, args in commands.items()}
+    out = {}
+    for name, proc in procs.items():
+        code, out[name] = machines[name].finish(proc)
+        assert code == 0, f"gptexp {' '.join(commands[name])} exited {code}:\n{out[name]}"
+
+    assert "validation" in out["eval"]
+    assert out["generate"].startswith("Every effort moves you")
+    assert "identical" in out["rerun"]  # the resumed run's numbers, bit for bit, again
+    assert "verdict: pass" in out["reproduce"]  # and the spec pinned from them on the server
+    assert len([line for line in out["report"].splitlines() if line.strip()]) > N_TRIALS
+    (retrained,) = client.search_runs([client.get_experiment_by_name("remote-best").experiment_id])
+    history = client.get_metric_history(retrained.info.run_id, "epoch_val_loss")
+    assert min(m.value for m in history) == sweep["study"].best_value  # bit for bit on CPU fp32
+
+    (rerun,) = client.search_runs(
+        [client.get_experiment_by_name("remote-runs").experiment_id],
+        filter_string=f"tags.`gptexp.rerun_of` = '{killed}'",
+    )
+    compared = here.run("compare", killed, rerun.info.run_id)
+    assert killed[:8] in compared and rerun.info.run_id[:8] in compared
+
     pid = parent.info.run_id
     assert {"plots/optimization_history.png", "plots/intermediate_values.png"} <= {
         a.path for a in client.list_artifacts(pid, "plots")
     }
     table = Path(client.download_artifacts(pid, "trials/trials.csv", str(tmp_path)))
     assert len(table.read_text().strip().splitlines()) == len(sweep["study"].trials) + 1
-    out = here.run("train", "--config", f"runs:/{pid}/best/config.yaml", "--experiment", "remote-best")
-    assert "finished" in out
-    (retrained,) = client.search_runs([client.get_experiment_by_name("remote-best").experiment_id])
-    history = client.get_metric_history(retrained.info.run_id, "epoch_val_loss")
-    assert min(m.value for m in history) == sweep["study"].best_value  # bit for bit on CPU fp32
 
 
 def reproduce_spec(client, run_id: str, corpus: Path, path: Path) -> Path:
