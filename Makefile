@@ -41,8 +41,11 @@ CONFIG ?= configs/gpt2-124m.yaml
 SWEEP ?= configs/sweep.yaml
 SWEEP_ARGS ?=
 
-.PHONY: train sweep ui dashboard
+HOST ?= 127.0.0.1
+BACKEND ?=
 STORAGE ?= sqlite:///$(CURDIR)/mlruns/optuna.db
+
+.PHONY: train sweep ui dashboard server
 
 train: $(STAMP) ## the book's chapter-5 job (CONFIG=configs/gpt2-124m.yaml), tracked in MLflow
 	$(VENV)/bin/gptexp train --config $(CONFIG)
@@ -62,6 +65,9 @@ dashboard: $(STAMP) ## optuna-dashboard, live, on the sweep's storage (STORAGE=.
 	@$(PY) -c "import optuna_dashboard" 2>/dev/null || { echo "make dashboard needs optuna-dashboard: $(PY) -m pip install -c constraints-dev.txt -e '.[dashboard]'" >&2; exit 2; }
 	@echo "optuna-dashboard on $(STORAGE): http://127.0.0.1:$(PORT)/dashboard/"
 	$(VENV)/bin/optuna-dashboard "$(STORAGE)" --host 127.0.0.1 --port $(PORT)
+
+server: $(STAMP) ## an MLflow tracking server for sweeps across machines (HOST=127.0.0.1 PORT=5000, BACKEND=postgresql://...)
+	$(VENV)/bin/gptexp server --host $(HOST) --port $(PORT) $(if $(BACKEND),--backend-store-uri "$(BACKEND)")
 
 .PHONY: reproduce report bench paper
 EXP ?=

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import artifact_cache, data_command, distributed, interrupts, jobs, report, reproduce, server, sweep
 from . import checkpoint as ckpt
-from . import data_command, distributed, interrupts, jobs, report, reproduce, sweep
 from .bench.cli import add_bench_arguments, cmd_bench
 from .config import MAX_NEW_TOKENS, MAX_SEED, apply_overrides, from_dict, load_config, read_yaml
 from .errors import INTERRUPTS, GptexpError, RunFailed
@@ -112,7 +112,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml")
+    p.add_argument(
+        "--config", metavar="PATH", help="run config YAML, e.g. configs/tiny.yaml, or runs:/RUN_ID/path of a run's"
+    )
     p.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint (same run)")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the config's, else gptexp)")
     _add_set(p)
@@ -189,6 +191,9 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow's store-migration notices and artifact progress bars drown the training log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a tracking server, MLflow prints a "View run ... at: URL" line as each run ends: a sweep's
+    # console keeps its one line per trial.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.showwarning = _one_line_warnings(warnings.showwarning)
@@ -243,6 +248,8 @@ def cmd_train(args) -> int:
         raise GptexpError("--resume continues a run under its own name and tags: drop --run-name, --tag and --note")
     if not args.resume and not args.config:
         raise GptexpError("train needs --config PATH (e.g. configs/tiny.yaml) or --resume RUN_ID")
+    if args.config and args.config.startswith("runs:/"):  # e.g. a sweep's best/config.yaml on a tracking server
+        args.config = str(artifact_cache.resolve_runs_uri(get_client(), args.config))
     config = None if args.resume else load_config(args.config, args.overrides)
     if config is not None and args.run_name is None:
         args.run_name = train_run_name(args.config, args.overrides, config)
@@ -385,6 +392,12 @@ COMMANDS = (
     Command("eval", "loss and perplexity of a checkpoint on both splits", _eval_arguments, cmd_eval),
     Command("generate", "continue a prompt with a trained model", _generate_arguments, cmd_generate),
     Command("sweep", "an Optuna sweep; each trial a nested MLflow run", sweep.add_sweep_arguments, sweep.cmd_sweep),
+    Command(
+        "server",
+        "an MLflow tracking server for workers on other machines (proxied artifacts)",
+        server.add_server_arguments,
+        server.cmd_server,
+    ),
     Command(
         "reproduce",
         "run a named experiment spec and check it against its expected results",

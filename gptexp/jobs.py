@@ -10,15 +10,14 @@ without subscribers (`World.follow`).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import artifact_cache
 from . import checkpoint as ckpt
 from .config import (
     MAX_EXPERIMENT_NAME,
@@ -199,32 +198,29 @@ def _follow(world: World) -> TrainOutcome | None:
 
 def run_config(client, run_id: str) -> Config:
     """The resolved config a run recorded in config/config.yaml."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = local_artifact_dir(client, run_id)
-        path = local / "config" / "config.yaml" if local is not None else None
-        if path is None or not path.is_file():
-            try:
-                path = Path(client.download_artifacts(run_id, "config/config.yaml", tmp))
-            except Exception:
-                raise GptexpError(
-                    f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train"
-                ) from None
+    local = local_artifact_dir(client, run_id)
+    path = local / "config" / "config.yaml" if local is not None else None
+    if path is None or not path.is_file():
         try:
-            # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
-            return from_dict(read_yaml(path), origin=f"run {run_id} config")
-        except ConfigError as exc:
-            raise GptexpError(f"run {run_id}'s recorded config cannot be used: {exc}") from None
+            path = artifact_cache.fetch(client, run_id, "config/config.yaml")
+        except Exception:
+            raise GptexpError(
+                f"run {run_id} has no config/config.yaml artifact: it was not made by gptexp train"
+            ) from None
+    try:
+        # read_yaml: the same YAML rules as a config the user writes (syntax, mapping, UTF-8).
+        return from_dict(read_yaml(path), origin=f"run {run_id} config")
+    except ConfigError as exc:
+        raise GptexpError(f"run {run_id}'s recorded config cannot be used: {exc}") from None
 
 
 def run_checkpoints(client, run_id: str) -> tuple[Path, bool]:
-    """The run's checkpoints/ folder here (downloaded when the artifact store is remote)."""
+    """The run's checkpoints/ folder here (the local cache, gptexp.artifact_cache, when the artifact
+    store is remote) and whether new checkpoints must be uploaded."""
     local = local_artifact_dir(client, run_id)
     if local is not None:
         return local / "checkpoints", False
-    tmp = Path(tempfile.mkdtemp(prefix="gptexp-ckpt-"))
-    with contextlib.suppress(Exception):  # a run without checkpoints: the folder stays missing, callers say so
-        client.download_artifacts(run_id, "checkpoints", str(tmp))
-    return tmp / "checkpoints", True
+    return artifact_cache.checkpoints(client, run_id), True
 
 
 def run_checkpoint(client, run_id: str, which: str = "last") -> Path:

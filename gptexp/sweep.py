@@ -6,10 +6,12 @@ status tells the truth: complete -> FINISHED, pruned -> KILLED with optuna.state
 failed -> FAILED with the error. The objective is the best epoch's validation loss, measured on
 the same validation tokens for every trial (see gptexp.evaluation.evaluate_split).
 
-Workers share the Optuna storage; a lock held while counting and asking keeps the number of
-finished trials exact; trials heartbeat (RDB storages), so the trial of a killed worker is
-failed once stale and retried once. Ctrl-C or SIGTERM stops every worker at a safe point: each
-ends its trial FAIL and its child run KILLED, then the parent run ends KILLED.
+Workers share the Optuna storage, on one machine or many; a lock per study held in the storage
+(gptexp.sweep_lock) makes one study, one parent run and one set of enqueued points whoever starts
+first, and keeps the number of finished trials exact; trials heartbeat (RDB storages), so the
+trial of a killed worker is failed once stale and retried once. Ctrl-C or SIGTERM stops every
+worker at a safe point: each ends its trial FAIL and its child run KILLED, then the parent run
+ends KILLED.
 
 The spec (no Optuna) is in gptexp.sweep_spec, the Optuna storage, samplers and pruners in
 gptexp.sweep_study, the trials and worker processes in gptexp.sweep_trials; here, the parent run,
@@ -32,6 +34,7 @@ from .config import MAX_RUN_NAME, check_name, from_dict
 from .provenance import redact
 from .run_names import add_naming_arguments, user_tags
 from .runtime import physical_cores
+from .sweep_lock import StudyLock
 from .sweep_plots import log_plots
 from .sweep_spec import SweepError, SweepSpec, any_value, check_same_search, format_params, parse_spec, spec_dict
 from .sweep_study import default_storage, make_pruner, make_sampler, open_storage, quiet_optuna, try_sampler_and_pruner
@@ -113,7 +116,7 @@ def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) ->
             "value": best.value,
             "params": best.params,
             "run_id": best.user_attrs.get("mlflow_run_id"),
-            "config": str(path),
+            "config": path,
         }
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     summary["states"] = {s: states.count(s) for s in sorted(set(states))}
@@ -122,15 +125,18 @@ def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) ->
     return summary
 
 
-def _local_best_config(client, parent: str, text: str) -> Path:
+def _local_best_config(client, parent: str, text: str) -> str:
+    """Where `gptexp train --config` finds the best config: its file, or its runs:/ URI on a server."""
     from .tracking import local_artifact_dir
 
     local = local_artifact_dir(client, parent)
     if local is not None and (local / "best" / "config.yaml").is_file():
-        return local / "best" / "config.yaml"
+        return str(local / "best" / "config.yaml")
+    if local is None:
+        return f"runs:/{parent}/best/config.yaml"
     path = Path(tempfile.mkdtemp(prefix="gptexp-best-")) / "config.yaml"
     path.write_text(text)
-    return path
+    return str(path)
 
 
 def run_sweep(
@@ -161,29 +167,32 @@ def run_sweep(
     from .jobs import preflight
 
     preflight(from_dict(spec.base_raw(), origin="sweep base config"))  # corpus and splits, before any trial
-    try:
-        study = optuna.create_study(
-            study_name=spec.study,
-            storage=storage,
-            direction=spec.direction,
-            sampler=make_sampler(spec),
-            pruner=make_pruner(spec, base.train.num_epochs),
-            load_if_exists=True,
-        )
-    except ValueError as exc:
-        raise SweepError(f"study {spec.study}: {exc}") from None
-    if study.direction.name.lower() != spec.direction:
-        raise SweepError(
-            f"study {spec.study} exists with direction {study.direction.name.lower()}: use another --study name"
-        )
-    check_same_search(study, spec)
-    if not study.trials:
-        with interrupts.deferred():  # all of them: a resumed study (it has trials) never enqueues the rest
-            for point in spec.enqueue:
-                study.enqueue_trial(point)
+    lock = StudyLock(storage_url, spec.study)
     client = get_client()
+    with lock:  # workers started together: one creates the study, enqueues and makes the parent run
+        try:
+            study = optuna.create_study(
+                study_name=spec.study,
+                storage=storage,
+                direction=spec.direction,
+                sampler=make_sampler(spec),
+                pruner=make_pruner(spec, base.train.num_epochs),
+                load_if_exists=True,
+            )
+        except ValueError as exc:
+            raise SweepError(f"study {spec.study}: {exc}") from None
+        if study.direction.name.lower() != spec.direction:
+            raise SweepError(
+                f"study {spec.study} exists with direction {study.direction.name.lower()}: use another --study name"
+            )
+        check_same_search(study, spec)
+        if not study.trials:
+            with interrupts.deferred():  # all of them: a resumed study (it has trials) never enqueues the rest
+                for point in spec.enqueue:
+                    study.enqueue_trial(point)
     with interrupts.deferred():  # from the parent run's (re)opening until it has ended
-        parent = _parent_run(client, spec, study, storage_url, run_name, tags or {})
+        with lock:
+            parent = _parent_run(client, spec, study, storage_url, run_name, tags or {})
         print(
             f"sweep {spec.study}: {spec.n_trials} trials of {spec.objective} ({spec.direction}), "
             f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
@@ -195,10 +204,11 @@ def run_sweep(
                 import torch
 
                 torch.set_num_threads(threads)
-                work(ctx, contextlib.nullcontext())
+                work(ctx)
             else:
                 run_workers(ctx, workers)
-            summary = _finish_parent(client, spec, study, parent, threads)
+            with lock:  # one worker at a time rewrites the parent's table, plots and best config
+                summary = _finish_parent(client, spec, study, parent, threads)
     summary.update(parent_run_id=parent, study=spec.study)
     _print_summary(spec, summary)
     return summary

@@ -16,8 +16,9 @@ from .errors import INTERRUPTS
 from .provenance import redact
 from .run_names import trial_run_name
 from .runner import Callback, EpochEvent, StopTraining
+from .sweep_lock import StudyLock
 from .sweep_spec import OBJECTIVES, SweepError, SweepSpec, any_value, format_params
-from .sweep_study import make_pruner, make_sampler, open_storage, quiet_optuna, sampler_seed
+from .sweep_study import make_pruner, open_storage, quiet_optuna, study_sampler
 from .tags import (
     MLFLOW_PARENT_RUN_ID,
     TAG_BEST_PREFIX,
@@ -198,12 +199,18 @@ def _tag_child(client, run_ids: list[str], state: str, value: float | None = Non
 
 
 def _log_best(ctx: Context, study, number: int, value: float, params: dict, run_id: str | None, client) -> None:
-    try:
-        best = study.best_trial
-    except ValueError:
-        return
-    if best.number != number:
-        return
+    # In turn with the other workers: one that read an older best must not write its tags last.
+    with StudyLock(ctx.storage_url, ctx.spec.study):
+        try:
+            best = study.best_trial
+        except ValueError:
+            return
+        if best.number != number:
+            return
+        _write_best(ctx, number, value, params, run_id, client)
+
+
+def _write_best(ctx: Context, number: int, value: float, params: dict, run_id: str | None, client) -> None:
     client.log_metric(ctx.parent_run_id, "best_value", value, step=number)
     client.set_tag(ctx.parent_run_id, TAG_BEST_TRIAL, str(number))
     if run_id:
@@ -231,8 +238,12 @@ def _fail_stale(study, client, checked: set[int]) -> None:
                 client.set_terminated(rid, status="FAILED")
 
 
-def work(ctx: Context, lock, current_trial=None) -> dict[str, int]:
+def work(ctx: Context, current_trial=None) -> dict[str, int]:
     """A worker: ask, run and tell trials until the study holds n_trials finished ones.
+
+    Workers take turns (the study lock, held in the storage, so across machines too) to count the
+    trials and ask for the next one with all its parameters drawn, so that n_trials is not
+    overshot and no other worker proposes the same point meanwhile.
 
     `current_trial.value` (a shared integer, when given) holds the id of the trial being run, -1
     between trials, so that the parent can fail it should this worker be killed.
@@ -240,16 +251,16 @@ def work(ctx: Context, lock, current_trial=None) -> dict[str, int]:
     import optuna
     from optuna.trial import TrialState
 
+    from .sweep_sampler import fresh_grid_points
     from .tracking import get_client
 
     spec = ctx.spec
     client = get_client()
     storage = open_storage(ctx.storage_url, spec)
+    lock = StudyLock(ctx.storage_url, spec.study)
     num_epochs = spec.trial_config({p.key: any_value(p) for p in spec.space}, ctx.threads).train.num_epochs
     study = optuna.load_study(study_name=spec.study, storage=storage, pruner=make_pruner(spec, num_epochs))
-    trials_before = len(study.get_trials(deepcopy=False))
-    study.sampler = sampler = make_sampler(spec, ctx.worker, trials_before)
-    ctx = replace(ctx, sampler_seed=sampler_seed(spec, ctx.worker, trials_before))
+    study.sampler = sampler = study_sampler(spec)
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     checked: set[int] = set()
     while True:
@@ -260,32 +271,50 @@ def work(ctx: Context, lock, current_trial=None) -> dict[str, int]:
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
             if finished >= spec.n_trials:
                 break
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+            grid = isinstance(sampler, optuna.samplers.GridSampler)
+            fresh, _ = fresh_grid_points(sampler, study) if grid else (1, 0)
+            if grid and not fresh and not waiting and not running:
                 print(f"worker {ctx.worker}: every grid point has been tried", flush=True)
                 break
             if counts["FAIL"] >= spec.max_failures:
                 print(f"worker {ctx.worker}: stopping after {counts['FAIL']} failed trials", flush=True)
                 break
-            if finished + running < spec.n_trials:
+            if finished + running < spec.n_trials and (fresh or waiting):
                 with warnings.catch_warnings():
                     # Optuna warns that heartbeats are meant for optimize(); Heartbeat does them here.
                     warnings.simplefilter("ignore", UserWarning)
                     trial = study.ask()
+                _draw_all(spec, study, trial)
         if trial is None:
             # Trials still running elsewhere (or stale, awaiting the heartbeat grace period).
             interrupts.sleep(min(2.0, spec.heartbeat_interval))
             continue
         if current_trial is not None:
             current_trial.value = trial._trial_id
-        counts[run_trial(ctx, study, trial, client)] += 1
+        seed = study._storage.get_trial(trial._trial_id).user_attrs.get("sampler_seed")
+        counts[run_trial(replace(ctx, sampler_seed=seed), study, trial, client)] += 1
         if current_trial is not None:
             current_trial.value = -1
     return counts
 
 
-def _worker_main(ctx: Context, lock, queue, current_trial) -> None:
+def _draw_all(spec: SweepSpec, study, trial) -> None:
+    """Draw every parameter of a just-asked trial now, inside the lock, so the next worker's
+    proposal can avoid its point; a trial whose parameters cannot be drawn is failed, not left RUNNING."""
+    from optuna.trial import TrialState
+
+    try:
+        for p in spec.space:
+            p.suggest(trial)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+
+
+def _worker_main(ctx: Context, queue, current_trial) -> None:
     # The terminal's Ctrl-C reaches every process of the group, and the parent forwards SIGTERM:
     # either is honoured at the worker's safe points, so its trial and child run end in a final state.
     interrupts.install()
@@ -299,7 +328,7 @@ def _worker_main(ctx: Context, lock, queue, current_trial) -> None:
     torch.set_num_threads(ctx.threads)
     try:
         with interrupts.deferred():
-            counts = work(ctx, lock, current_trial)
+            counts = work(ctx, current_trial)
         queue.put((ctx.worker, "ok", counts))
     except INTERRUPTS:
         queue.put((ctx.worker, "interrupted", None))
@@ -313,12 +342,12 @@ WORKER_GRACE_S = 30.0
 
 def run_workers(ctx: Context, workers: int) -> None:
     spawn = mp.get_context("spawn")
-    lock, queue = spawn.Lock(), spawn.Queue()
+    queue = spawn.Queue()
     current = [spawn.RawValue("q", -1) for _ in range(workers)]  # each worker's trial id, -1 between trials
     procs = [
         spawn.Process(
             target=_worker_main,
-            args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id, ctx.threads, i), lock, queue, current[i]),
+            args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id, ctx.threads, i), queue, current[i]),
             daemon=False,
         )
         for i in range(workers)

@@ -17,7 +17,7 @@ TAG_STOP = "gptexp.stop_reason"  # one line: why a KILLED run was stopped
 # Sweeps: the parent run and each trial's child run carry the study; a trial its number.
 TAG_STUDY = "gptexp.study"
 TAG_TRIAL = "gptexp.trial"
-# The seed of the sampler that proposed the trial (see sweep_study.sampler_seed).
+# The seed of the sampler that proposed the trial (see sweep_sampler.trial_seed).
 TAG_SAMPLER_SEED = "gptexp.sampler_seed"
 # The number of the trial whose worker stopped heartbeating and that this trial retries.
 TAG_RETRY_OF_TRIAL = "gptexp.retry_of_trial"

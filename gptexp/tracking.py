@@ -563,14 +563,19 @@ class MlflowLogger(Callback):
 
     def on_checkpoint(self, event: CheckpointEvent) -> None:
         if self.upload_checkpoints:
+            # The folder first, then the index naming it: an upload cut short leaves the index on
+            # the previous checkpoint, which stays the one resumed from.
             self.client.log_artifacts(self.run_id, str(event.path), f"checkpoints/{event.path.name}")
             self.client.log_artifact(self.run_id, str(event.root / "index.json"), "checkpoints")
 
 
 def checkpoint_root(client, run_id: str) -> tuple[Path, bool]:
     """Where the runner writes checkpoints: straight into a local artifact folder (atomic
-    renames there), else a temp folder whose epochs the logger uploads. Returns (root, upload)."""
+    renames there), else the run's local cache (gptexp.artifact_cache), whose epochs the logger
+    uploads. Returns (root, upload)."""
+    from .artifact_cache import run_dir
+
     local = local_artifact_dir(client, run_id)
     if local is not None:
         return local / "checkpoints", False
-    return Path(tempfile.mkdtemp(prefix="gptexp-ckpt-")) / "checkpoints", True
+    return run_dir(run_id) / "checkpoints", True
