@@ -81,7 +81,8 @@ def format_table(r: dict) -> str:
                 fig["steps_per_s"],
                 "steps/s",
                 None,
-                f"{fig['steps_per_s'] / off:.3f} of logging off (step_logging), reps {fig['reps']}",
+                f"{fig['steps_per_s'] / off:.3f} of logging off (step_logging), reps {fig['reps']}"
+                + (f", {1e3 * fig['log_s_per_step']:.2f} ms/step in the logger" if "log_s_per_step" in fig else ""),
             )
     base = r["eval"]["book_pkg_fp32"]["tokens_per_s"]
     for name, fig in r["eval"].items():
