@@ -6,7 +6,8 @@
         model.safetensors       the weights (the book's state_dict keys)
         model_config.json       the model cfg, so the weights load without the run config
         config.yaml             the resolved run config
-        state.pt                optimizer, RNG and loop state for an exact resume (weights_only)
+        state.pt                optimizer, RNG and loop state for an exact resume (weights_only);
+                                absent when checkpoint.resumable is false (sweep trials by default)
 
 An epoch folder is written under a temporary name and renamed into place, and the index is
 replaced atomically after it, so a crash at any point leaves the previous good checkpoint
@@ -142,9 +143,13 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_checkpoint(
-    root: Path, epoch: int, model: torch.nn.Module, state: dict[str, Any], run_config_yaml: str
+    root: Path, epoch: int, model: torch.nn.Module, state: dict[str, Any] | None, run_config_yaml: str
 ) -> Path:
-    """Write epoch `epoch`'s folder under `root` (atomically); returns its path."""
+    """Write epoch `epoch`'s folder under `root` (atomically); returns its path.
+
+    `state` None: the weights and configs alone (checkpoint.resumable false), which load for
+    inference but cannot be resumed.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / epoch_dir_name(epoch)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
@@ -155,10 +160,11 @@ def save_checkpoint(
         _save_weights(weights, tmp / WEIGHTS)
         _fsync_write(tmp / MODEL_CONFIG, json.dumps(model.cfg, indent=2).encode())
         _fsync_write(tmp / RUN_CONFIG, run_config_yaml.encode())
-        fd, state_tmp = tempfile.mkstemp(dir=tmp)
-        os.close(fd)
-        _torch_save(state, Path(state_tmp))
-        os.replace(state_tmp, tmp / STATE)
+        if state is not None:
+            fd, state_tmp = tempfile.mkstemp(dir=tmp)
+            os.close(fd)
+            _torch_save(state, Path(state_tmp))
+            os.replace(state_tmp, tmp / STATE)
         if final.exists():  # the same epoch saved again on a resumed run: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -223,6 +229,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def latest_weights(root: Path) -> Path | None:
+    """The folder to evaluate or sample from: the index's `last`, else the highest epoch folder
+    holding weights, resumable or not (a sweep trial keeps its best epoch's weights alone)."""
+    index = read_index(root)
+    candidates = [root / index["last"]] if index.get("last") else []
+    if root.is_dir():
+        epochs = sorted((int(m.group(1)), c) for c in root.iterdir() if (m := _EPOCH_DIR.fullmatch(c.name)))
+        candidates += [c for _, c in reversed(epochs)]
+    return next((c for c in candidates if (c / WEIGHTS).is_file()), None)
+
+
 def resolve_checkpoint_path(path: Path) -> Path:
     """A checkpoint folder, a checkpoints/ root (-> its latest), or a model.safetensors file."""
     path = Path(path)
@@ -230,7 +247,7 @@ def resolve_checkpoint_path(path: Path) -> Path:
         return path.parent
     if (path / WEIGHTS).is_file():
         return path
-    latest = latest_checkpoint(path)
+    latest = latest_weights(path)
     if latest is not None:
         return latest
     raise CheckpointError(

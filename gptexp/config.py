@@ -1,7 +1,7 @@
 """The typed run configuration: YAML + `--set section.key=value` overrides, validated at the edge.
 
 Sections and key names are part of the product (MLflow params, dashboards and reports use
-them): `model`, `data`, `train`, `sample`, `checkpoint`, plus the top-level `experiment`.
+them): `model`, `data`, `train`, `sample`, `checkpoint`, `tracking`, plus the top-level `experiment`.
 Every problem is a ConfigError whose message is one line saying what is wrong and how to fix it.
 """
 
@@ -149,6 +149,18 @@ class SampleConfig:
 @dataclass
 class CheckpointConfig:
     keep: str = "both"
+    # false: each kept epoch holds its weights and configs only, no optimizer/RNG state (a third of
+    # the size with AdamW's two moments gone); enough to evaluate, sample or report, not to resume.
+    resumable: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    # `step_loss` and `grad_norm` at every optimizer step (logged in batches), beside the book's
+    # eval-cadence `train_loss`/`val_loss`, which they leave unchanged.
+    step_metrics: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; GPU where present) while the run trains.
+    system_metrics: bool = True
 
 
 @dataclass
@@ -158,6 +170,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: str = "gptexp"
 
     @property

@@ -32,6 +32,7 @@ from .config import (
 from .data import Splits, prepare_data
 from .distributed import SINGLE, MainFailed, World, check_batch
 from .errors import INTERRUPTS, GptexpError
+from .live_metrics import step_subscribers, system_metrics
 from .progress import ConsoleProgress
 from .runner import Callback, NonFiniteLoss, RunResult, run
 from .runtime import Runtime, resolve_runtime
@@ -169,12 +170,17 @@ def train(
                 on_created(run_id)
             start(run_id, config)
             root, upload = checkpoint_root(client, run_id)
-            subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
+            subscribers = [
+                MlflowLogger(client, run_id, upload_checkpoints=upload),
+                *step_subscribers(config, client, run_id),
+                *callbacks,
+            ]
             if console:
                 subscribers.append(ConsoleProgress())
-            result = run(
-                config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root, world=world
-            )
+            with system_metrics(client, run_id, config.tracking.system_metrics):
+                result = run(
+                    config, subscribers, runtime=prepared.runtime, data=prepared.data, checkpoint_dir=root, world=world
+                )
     return TrainOutcome(run_id, result)
 
 
@@ -230,7 +236,7 @@ def run_checkpoint(client, run_id: str, which: str = "last") -> Path:
     index = ckpt.read_index(root)
     folder = root / index[which] if index.get(which) else None
     if folder is None or not (folder / ckpt.WEIGHTS).is_file():
-        folder = ckpt.latest_checkpoint(root) if which == "last" else None
+        folder = ckpt.latest_weights(root) if which == "last" else None
     if folder is None:
         raise GptexpError(
             f"run {run_id} has no {which} checkpoint: was it trained with checkpoint.keep=none "
@@ -265,8 +271,9 @@ def _resume(run_id: str, client, callbacks, console: bool, on_created, world: Wo
     folder = ckpt.latest_checkpoint(root)
     if folder is None:
         raise GptexpError(
-            f"run {run_id} has no checkpoint to resume from (it ended before its first epoch "
-            "or used checkpoint.keep=none): start a new run instead"
+            f"run {run_id} has no checkpoint to resume from (it ended before its first epoch, used "
+            "checkpoint.keep=none, or kept weights alone with checkpoint.resumable=false, as sweep trials do): "
+            "start a new run instead"
         )
     done = ckpt.load_state(folder)["epoch"]
     # The whole checkpoint is checked before the run is reopened, so a damaged one leaves it as it was.
@@ -283,16 +290,21 @@ def _resume(run_id: str, client, callbacks, console: bool, on_created, world: Wo
         if on_created is not None:
             on_created(run_id)
         start(run_id, config)
-        subscribers = [MlflowLogger(client, run_id, upload_checkpoints=upload), *callbacks]
+        subscribers = [
+            MlflowLogger(client, run_id, upload_checkpoints=upload),
+            *step_subscribers(config, client, run_id),
+            *callbacks,
+        ]
         if console:
             subscribers.append(ConsoleProgress())
-        result = run(
-            config,
-            subscribers,
-            runtime=prepared.runtime,
-            data=prepared.data,
-            checkpoint_dir=root,
-            resume_from=folder,
-            world=world,
-        )
+        with system_metrics(client, run_id, config.tracking.system_metrics, resumed=True):
+            result = run(
+                config,
+                subscribers,
+                runtime=prepared.runtime,
+                data=prepared.data,
+                checkpoint_dir=root,
+                resume_from=folder,
+                world=world,
+            )
     return TrainOutcome(run_id, result)

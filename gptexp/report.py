@@ -38,6 +38,7 @@ from .tags import (
     TAG_TORCH_VERSION,
     TAG_TRIAL,
 )
+from .text_view import visible
 
 FORMATS = ("table", "md", "csv", "latex")
 KEY_PARAMS = ("model.context_length", "data.stride", "train.batch_size", "train.lr")
@@ -442,7 +443,7 @@ def compare_runs(client, run_a: str, run_b: str) -> str:
     out += ["", "samples after the last epoch:"]
     for label, run in ((label_a, a), (label_b, b)):
         sample = last_sample(client, run)
-        text = "(no samples/samples.json)" if sample is None else f"epoch {sample[0]}: {sample[1]}"
+        text = "(no samples/samples.json)" if sample is None else f"epoch {sample[0]}: {visible(sample[1])}"
         out.append(f"{label}: {text}")
     return "\n".join(out)
 

@@ -34,9 +34,18 @@ from . import checkpoint as ckpt
 from . import interrupts
 from .config import Config
 from .data import Splits
-from .distributed import SINGLE, Placement, World
+from .distributed import SINGLE, World
 from .errors import INTERRUPTS, first_line
-from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split, perplexity
+from .evaluation import calc_loss_batch, calc_loss_loader, evaluate_split
+from .events import (  # noqa: F401 - re-exported: subscribers have always imported them from here
+    Callback,
+    CheckpointEvent,
+    EndEvent,
+    EpochEvent,
+    EvalEvent,
+    StartEvent,
+    StepEvent,
+)
 from .generation import generate, text_to_token_ids, token_ids_to_text
 from .model import GPTModel, compile_blocks
 from .runtime import Runtime, autocast, use_deterministic_algorithms
@@ -52,86 +61,6 @@ class StopTraining(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    epoch: int  # from 1
-    global_step: int  # from 0, the book's numbering
-    loss: float
-    lr: float
-    tokens_seen: int
-
-
-@dataclass(frozen=True)
-class EvalEvent:
-    epoch: int
-    global_step: int
-    train_loss: float  # the book's evaluate_model: mean of the first eval_iter batch losses
-    val_loss: float
-    tokens_seen: int
-    lr: float
-
-
-@dataclass(frozen=True)
-class EpochEvent:
-    epoch: int
-    global_step: int
-    train_loss: float  # token-weighted over the whole split
-    val_loss: float
-    tokens_seen: int
-    tokens_per_sec: float  # training steps only, evaluation excluded
-    seconds: float
-    completion: str  # the continuation of sample.start_context (prompt excluded)
-    prompt: str
-
-    @property
-    def train_ppl(self) -> float:
-        return perplexity(self.train_loss)
-
-    @property
-    def val_ppl(self) -> float:
-        return perplexity(self.val_loss)
-
-
-@dataclass(frozen=True)
-class CheckpointEvent:
-    epoch: int
-    path: Path  # the epoch folder just written
-    root: Path  # the checkpoints/ folder (index.json and every kept epoch)
-    is_best: bool
-    removed: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StartEvent:
-    config: Config
-    runtime: Runtime
-    model: GPTModel
-    data: Splits
-    total_steps: int
-    start_epoch: int  # epochs already done (a resumed run)
-    resumed: bool
-    placement: Placement  # the processes and devices of the job
-
-
-@dataclass(frozen=True)
-class EndEvent:
-    status: str  # completed | stopped | pruned | failed | interrupted
-    error: BaseException | None
-    epochs_done: int
-    global_step: int
-
-
-class Callback:
-    """Subscriber base: override the events you need."""
-
-    def on_start(self, event: StartEvent) -> None: ...
-    def on_step(self, event: StepEvent) -> None: ...
-    def on_eval(self, event: EvalEvent) -> None: ...
-    def on_epoch_end(self, event: EpochEvent) -> None: ...
-    def on_checkpoint(self, event: CheckpointEvent) -> None: ...
-    def on_end(self, event: EndEvent) -> None: ...
 
 
 @dataclass
@@ -215,6 +144,7 @@ def train_step(
     clip: GradClip | None = None,
     epoch: int | None = None,
     accum_steps: int = 1,
+    grad_norms: list[float] | None = None,
 ) -> float:
     """One training step on one batch (global step `step`); returns its loss.
 
@@ -225,6 +155,9 @@ def train_step(
     batch is this rank's share: DDP averages the gradients over the ranks on the last micro-batch,
     and the loss returned is the global batch's; a stop asked of any rank is raised here on all.
     Raises NonFiniteLoss when the loss is NaN or infinite (on every rank: the loss is global).
+    With `grad_norms` given, the total L2 norm of the gradients the optimizer step uses (before
+    clipping; DDP's averaged, i.e. global, gradients) is appended to it; measuring it only reads
+    the gradients, so the update is the same bits with or without it.
     """
     forward = model if forward is None else forward
     world = runtime.world
@@ -241,8 +174,13 @@ def train_step(
         losses.append(loss.detach())
     if scaler is not None:
         scaler.unscale_(optimizer)  # so that clipping sees the true gradients
+    norm = None
     if clip is not None and step >= clip.start:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip.max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip.max_norm)
+    elif grad_norms is not None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if grad_norms is not None and norm is not None:
+        grad_norms.append(float(norm))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -303,6 +241,7 @@ def train_loop(
     forward: torch.nn.Module | None = None,
     scaler: torch.amp.GradScaler | None = None,
     accum_steps: int = 1,
+    grad_norm: bool = False,
 ) -> LoopState:
     """The core: the book's train_model_simple, or appendix D's train_model with a schedule and clipping.
 
@@ -311,8 +250,10 @@ def train_loop(
     every group's lr before the step (None: the optimizer's lr stays). Continues from `state`
     (epochs done, last step: a resumed run), updates it in place and returns it. In a distributed
     job (`runtime.world`) the loaders yield this rank's shares (World.shard) and tokens count all ranks.
+    `grad_norm`: each StepEvent carries the gradients' total norm (train_step's `grad_norms`).
     """
     callbacks = list(callbacks)
+    norms: list[float] | None = [] if grad_norm else None
     state = LoopState() if state is None else state
     world = runtime.world
     for epoch in range(state.epoch + 1, num_epochs + 1):
@@ -339,11 +280,13 @@ def train_loop(
                 clip=clip,
                 epoch=epoch,
                 accum_steps=accum_steps,
+                grad_norms=norms,
             )
             state.global_step = step
             state.tokens_seen += input_batch.numel() * world.size
             epoch_tokens += input_batch.numel() * world.size
-            _emit(callbacks, "on_step", StepEvent(epoch, step, loss, lr, state.tokens_seen))
+            norm = norms.pop() if norms else None
+            _emit(callbacks, "on_step", StepEvent(epoch, step, loss, lr, state.tokens_seen, norm))
             if step % eval_freq == 0:
                 train_seconds += time.perf_counter() - tick
                 train_loss, val_loss = evaluate_model(
@@ -438,6 +381,7 @@ def run(
             forward=forward,
             scaler=scaler,
             accum_steps=t.grad_accum_steps,
+            grad_norm=config.tracking.step_metrics,
         )
     except StopTraining as exc:
         result.status = exc.status
@@ -545,7 +489,10 @@ def _save(
         state["rng_ranks"] = rngs
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    folder = ckpt.save_checkpoint(root, loop.epoch, model, state, config.to_yaml())
+    # A checkpoint that is never resumed (a sweep trial's: retried from scratch) keeps the weights alone.
+    folder = ckpt.save_checkpoint(
+        root, loop.epoch, model, state if config.checkpoint.resumable else None, config.to_yaml()
+    )
     index = ckpt.read_index(root)
     index["last"] = folder.name
     if is_best or "best" not in index:

@@ -36,6 +36,7 @@ from .run_names import add_naming_arguments, user_tags
 from .runtime import physical_cores
 from .sweep_lock import StudyLock
 from .sweep_plots import log_plots
+from .sweep_progress import SweepProgress
 from .sweep_spec import SweepError, SweepSpec, any_value, check_same_search, format_params, parse_spec, spec_dict
 from .sweep_study import default_storage, make_pruner, make_sampler, open_storage, quiet_optuna, try_sampler_and_pruner
 from .sweep_trials import Context, run_workers, work
@@ -106,7 +107,7 @@ def _finish_parent(client, spec: SweepSpec, study, parent: str, threads: int) ->
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        config = spec.trial_config(best.params, threads)
+        config = spec.trial_config(best.params, threads, as_trial=False)  # a run of its own: resumable
         text = config.to_yaml()
         client.log_text(parent, text, "best/config.yaml")
         client.log_metric(parent, "best_value", best.value, step=best.number)
@@ -198,7 +199,8 @@ def run_sweep(
             f"{workers} worker(s) x {threads} thread(s), storage {redact(storage_url)}, MLflow parent run {parent}",
             flush=True,
         )
-        ctx = Context(spec, storage_url, parent, threads, 0)
+        progress = SweepProgress.for_study(study, spec.n_trials, spec.direction)
+        ctx = Context(spec, storage_url, parent, threads, 0, progress=progress)
         with tracked_run(client, spec.experiment, resume_run_id=parent):
             if workers == 1:
                 import torch

@@ -33,6 +33,16 @@ PARAM_TYPES = ("int", "float", "categorical")
 SEARCH_ATTR = "gptexp.search"  # the study user attr that records what the study searches
 Direction = Literal["minimize", "maximize"]  # Optuna's names
 DIRECTIONS = get_args(Direction)
+# What each trial's checkpoints keep (spec key `trial_checkpoints`). A trial is retried from
+# scratch, never resumed, so by default it keeps its best epoch's weights alone (no optimizer
+# state); `base`: whatever the base config's checkpoint section says.
+TRIAL_CHECKPOINTS = {
+    "best_weights": {"checkpoint.keep": "best", "checkpoint.resumable": False},
+    "base": {},
+}
+# Config keys that say how a run is recorded, not what it trains: left out of a study's search
+# definition (they were not in it before they existed, so older studies resume unchanged).
+_RECORDING_KEYS = ("tracking.", "checkpoint.resumable")
 
 
 class SweepError(GptexpError):
@@ -125,6 +135,7 @@ class SweepSpec:
     enqueue: list[dict] = field(default_factory=list)  # points tried first, once, in a new study
     source: str = ""
     config_overrides: list[str] = field(default_factory=list)  # --set on the command line
+    trial_checkpoints: str = "best_weights"  # a key of TRIAL_CHECKPOINTS
 
     def base_raw(self) -> dict:
         raw = read_yaml(self.base_config) if self.base_config else {}
@@ -135,11 +146,16 @@ class SweepSpec:
     def base(self) -> Config:
         return from_dict(self.base_raw(), origin=f"sweep {self.study} base config")
 
-    def trial_config(self, params: dict[str, Any], threads: int) -> Config:
+    def trial_config(self, params: dict[str, Any], threads: int, *, as_trial: bool = True) -> Config:
+        """The config of a trial with `params`; `as_trial` False: the same without the trials'
+        checkpoint policy, for a run of its own (the best trial's config, which `train` resumes)."""
         raw = self.base_raw()
         for key, value in params.items():
             set_dotted(raw, key, value)
         set_dotted(raw, "train.threads", threads)
+        if as_trial:
+            for key, value in TRIAL_CHECKPOINTS[self.trial_checkpoints].items():
+                set_dotted(raw, key, value)
         return from_dict(raw, origin=f"sweep {self.study} trial")
 
 
@@ -226,6 +242,7 @@ def parse_spec(
         "heartbeat",
         "max_failures",
         "enqueue",
+        "trial_checkpoints",
     }
     unknown = set(raw) - allowed
     _need(
@@ -295,6 +312,11 @@ def parse_spec(
         isinstance(name, (str, int)) and not isinstance(name, bool) and str(name).strip() != "",
         f"sweep spec study must be a name (got {name!r}): e.g. study: tiny-lr, or --study NAME",
     )
+    trial_checkpoints = raw.get("trial_checkpoints", "best_weights")
+    _need(
+        trial_checkpoints in TRIAL_CHECKPOINTS,
+        f"sweep spec trial_checkpoints must be one of {', '.join(TRIAL_CHECKPOINTS)} (got {trial_checkpoints!r})",
+    )
     experiment = raw.get("experiment")
     if experiment is not None:
         experiment = from_dict({"experiment": experiment}, origin=f"sweep spec {path}").experiment
@@ -318,6 +340,7 @@ def parse_spec(
         enqueue=enqueue,
         source=str(path),
         config_overrides=list(overrides),
+        trial_checkpoints=trial_checkpoints,
     )
     if sampler["name"] == "grid":
         for p in space:
@@ -438,6 +461,7 @@ def search_definition(spec: SweepSpec) -> dict:
     and the pruner are how far and how it is searched, not what: trials stay comparable across them."""
     config = flatten(spec.base().to_dict())
     searched = {p.key for p in spec.space} | {"train.threads", "experiment"}
+    searched |= {k for k in config if k.startswith(_RECORDING_KEYS)}
     space = {p.key: {k: v for k, v in asdict(p).items() if k != "key" and v is not None} for p in spec.space}
     definition = {
         "objective": spec.objective,

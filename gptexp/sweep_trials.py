@@ -17,6 +17,7 @@ from .provenance import redact
 from .run_names import trial_run_name
 from .runner import Callback, EpochEvent, StopTraining
 from .sweep_lock import StudyLock
+from .sweep_progress import ToParent, TrialDone, forward
 from .sweep_spec import OBJECTIVES, SweepError, SweepSpec, any_value, format_params
 from .sweep_study import make_pruner, open_storage, quiet_optuna, study_sampler
 from .tags import (
@@ -94,6 +95,16 @@ class Context:
     threads: int
     worker: int
     sampler_seed: int | None = None  # recorded on each trial, so a reader can reproduce its proposal
+    # Where its lines go: the sweep's SweepProgress in the parent, a ToParent in a worker process,
+    # None to print them as they are.
+    progress: Any = None
+
+
+def _say(ctx: Context, text: str) -> None:
+    if ctx.progress is None:
+        print(text, flush=True)
+    else:
+        ctx.progress.say(text)
 
 
 def run_trial(ctx: Context, study, trial, client) -> str:
@@ -172,7 +183,11 @@ def run_trial(ctx: Context, study, trial, client) -> str:
         "PRUNED": note,
         "FAIL": f"failed: {note}",
     }[state]
-    print(f"trial {trial.number}: {format_params(params)} -> {redact(result)} ({seconds:.1f} s)", flush=True)
+    line = f"trial {trial.number}: {format_params(params)} -> {redact(result)} ({seconds:.1f} s)"
+    if ctx.progress is None:
+        print(line, flush=True)
+    else:
+        ctx.progress.trial_done(TrialDone(trial.number, state, value, line))
     if state == "COMPLETE" and value is not None:
         _log_best(ctx, study, trial.number, value, params, run_ids[0] if run_ids else None, client)
     return state
@@ -277,10 +292,10 @@ def work(ctx: Context, current_trial=None) -> dict[str, int]:
             grid = isinstance(sampler, optuna.samplers.GridSampler)
             fresh, _ = fresh_grid_points(sampler, study) if grid else (1, 0)
             if grid and not fresh and not waiting and not running:
-                print(f"worker {ctx.worker}: every grid point has been tried", flush=True)
+                _say(ctx, f"worker {ctx.worker}: every grid point has been tried")
                 break
             if counts["FAIL"] >= spec.max_failures:
-                print(f"worker {ctx.worker}: stopping after {counts['FAIL']} failed trials", flush=True)
+                _say(ctx, f"worker {ctx.worker}: stopping after {counts['FAIL']} failed trials")
                 break
             if finished + running < spec.n_trials and (fresh or waiting):
                 with warnings.catch_warnings():
@@ -347,14 +362,18 @@ def run_workers(ctx: Context, workers: int) -> None:
     procs = [
         spawn.Process(
             target=_worker_main,
-            args=(Context(ctx.spec, ctx.storage_url, ctx.parent_run_id, ctx.threads, i), queue, current[i]),
+            args=(
+                Context(ctx.spec, ctx.storage_url, ctx.parent_run_id, ctx.threads, i, progress=ToParent(queue, i)),
+                queue,
+                current[i],
+            ),
             daemon=False,
         )
         for i in range(workers)
     ]
     for p in procs:
         p.start()
-    results = _collect(procs, queue)
+    results = _collect(procs, queue, ctx.progress)
     for i in range(workers):
         if i not in results and current[i].value >= 0:
             _fail_abandoned(ctx, current[i].value)
@@ -370,8 +389,9 @@ def run_workers(ctx: Context, workers: int) -> None:
         raise SweepError(f"a sweep worker stopped: {errors[0]}")
 
 
-def _collect(procs: list, queue) -> dict[int, tuple[str, Any]]:
-    """Each worker's (kind, payload), by worker number, once every worker has ended.
+def _collect(procs: list, queue, progress=None) -> dict[int, tuple[str, Any]]:
+    """Each worker's (kind, payload), by worker number, once every worker has ended; the lines
+    the workers send on the way are printed on `progress` (whole: only this process prints).
 
     A polling wait, so that a stop asked of this process (Ctrl-C, SIGTERM) is seen: it is
     forwarded to the workers as SIGTERM, and those still alive after WORKER_GRACE_S are killed.
@@ -383,7 +403,8 @@ def _collect(procs: list, queue) -> dict[int, tuple[str, Any]]:
     while True:
         try:
             number, kind, payload = queue.get(timeout=0.2)
-            results[number] = (kind, payload)
+            if not forward(progress, kind, payload):
+                results[number] = (kind, payload)
             continue
         except Empty:
             if not any(p.is_alive() for p in procs):

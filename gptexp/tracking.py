@@ -45,6 +45,7 @@ from .tags import (
     TAG_STOP,
     TAG_WORLD_SIZE,
 )
+from .text_view import visible
 from .ui_view import mark_experiment
 
 # The error and stop-reason tags (and the store error) quote this much of an error's first line.
@@ -538,8 +539,10 @@ class MlflowLogger(Callback):
             {
                 "epoch": [event.epoch],
                 "global_step": [event.global_step],
-                "prompt": [event.prompt],
-                "completion": [event.completion],
+                # Shown with its whitespace made visible (gptexp.text_view): a blank completion is a
+                # model's output worth seeing; the raw text is the epoch's .txt file beside it.
+                "prompt": [visible(event.prompt)],
+                "completion": [visible(event.completion)],
             },
             "samples/samples.json",
         )

@@ -51,6 +51,8 @@ TINY = Sizes(
     data_s1_tokens=2_000,
     data_big_tokens=5_000,
     data_reps=1,
+    logging_steps=5,
+    logging_reps=1,
 )
 
 

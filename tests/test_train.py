@@ -210,9 +210,10 @@ def test_sigkill_in_the_second_epoch_then_resume_gives_the_uninterrupted_metrics
     resumed = client.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name(exp).experiment_id])) == 1
-    want = client.get_run(reference).data.metrics
-    assert set(resumed.data.metrics) == set(want)
-    for key in sorted(set(want) - {"tokens_per_sec"}):  # a timing, not a result
+    # System metrics (system/...) sample the machine, not the run's results: left out here.
+    want = {k for k in client.get_run(reference).data.metrics if not k.startswith("system/")}
+    assert {k for k in resumed.data.metrics if not k.startswith("system/")} == want
+    for key in sorted(want - {"tokens_per_sec"}):  # a timing, not a result
         # Steps 9 and 10 ran twice (before the kill and after the resume); each point is logged once, bit for bit.
         assert metric_history(client, run_id, key) == metric_history(client, reference, key), key
     assert [s for s, _ in metric_history(client, run_id, "tokens_per_sec")] == [1, 2]

@@ -23,7 +23,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
         elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and math.isfinite(obj):
             metrics[prefix] = float(obj)
 
-    for section in ("peak", "optimizer", "train", "eval", "generate", "data"):
+    for section in ("peak", "optimizer", "train", "logging", "eval", "generate", "data"):
         walk(section, result.get(section, {}))
     metrics = {k: v for k, v in metrics.items() if ".times_s" not in k}
     walk("ratio", result["ratios"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..tables import aligned
 from .training import OPTIMIZERS
 
-RATIO_KEYS = ("train_fp32", "train_bf16", "generate_kv", "data_build_time", "data_peak_memory")
+RATIO_KEYS = ("train_fp32", "train_bf16", "generate_kv", "data_build_time", "data_peak_memory", "step_logging")
 
 
 def ratios_of(r: dict) -> dict:
@@ -35,6 +35,8 @@ def ratios_of(r: dict) -> dict:
         ratios[f"data_peak_memory{sfx}"] = fig["book_text"]["peak_bytes"] / fig["ours_text"]["peak_bytes"]
         ratios[f"data_build_time_from_ids{sfx}"] = fig["book_ids"]["seconds"] / fig["ours_ids"]["seconds"]
         ratios[f"data_peak_memory_from_ids{sfx}"] = fig["book_ids"]["peak_bytes"] / fig["ours_ids"]["peak_bytes"]
+    if "logging" in r:  # not gptexp over the book: steps/s with per-step logging over without (1 = free)
+        ratios["step_logging"] = r["logging"]["on"]["steps_per_s"] / r["logging"]["off"]["steps_per_s"]
     return ratios
 
 
@@ -71,6 +73,17 @@ def format_table(r: dict) -> str:
             fig["tokens_per_s"] / base,
             f"MFU {100 * fig['mfu_fp32']:.0f}% of fp32 / {100 * fig['mfu_bf16']:.0f}% of bf16 peak, reps {fig['reps']}",
         )
+    if "logging" in r:
+        off = r["logging"]["off"]["steps_per_s"]
+        for name, fig in r["logging"].items():
+            add(
+                f"train steps, per-step logging {name} ({fig['batch']}x{fig['seq']}, tiny)",
+                fig["steps_per_s"],
+                "steps/s",
+                None,
+                f"{fig['steps_per_s'] / off:.3f} of logging off (step_logging), reps {fig['reps']}"
+                + (f", {1e3 * fig['log_s_per_step']:.2f} ms/step in the logger" if "log_s_per_step" in fig else ""),
+            )
     base = r["eval"]["book_pkg_fp32"]["tokens_per_s"]
     for name, fig in r["eval"].items():
         add(f"eval {name}", fig["tokens_per_s"], "tok/s", fig["tokens_per_s"] / base, f"reps {fig['reps']}")

@@ -20,6 +20,7 @@ from .machine import bf16_hardware, cpu_flags, loadavg, matmul_peaks, pkg_versio
 from .mlflow_run import EXPERIMENT, log_to_mlflow
 from .results import format_table, ratios_of, write_json
 from .sizes import FULL, QUICK, Sizes
+from .step_logging import step_logging_figures
 from .training import optimizer_figures, train_figures
 from .windows import data_figures
 
@@ -83,6 +84,8 @@ def run_bench(
             opt_name = result["optimizer"]["best"]
         say(f"training steps ({sizes.batch}x{sizes.model['context_length']}, runner.train_step)")
         result["train"] = train_figures(sizes, bf16_native, peaks, notes)
+        say(f"per-step logging on vs off ({sizes.logging_steps} steps x {sizes.logging_reps}, tiny model)")
+        result["logging"] = step_logging_figures(sizes)
         say("evaluation")
         result["eval"] = eval_figures(sizes, bf16_native, notes)
         say(f"generation ({sizes.gen_new} new tokens)")

@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 
 from ..model import GPT_CONFIG_124M
 
+# The tiny preset's model (configs/tiny.yaml): its steps are short, so per-step logging shows most there.
+TINY_MODEL = {
+    "vocab_size": 50257,
+    "context_length": 64,
+    "emb_dim": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -37,11 +48,18 @@ class Sizes:
     data_reps: int = 3
     data_budget_s: float = 8.0  # per build kind: the book's stride-1 windows take seconds each
     optimizer_model: bool = True  # compare AdamW implementations on the model's parameters
+    # Per-step logging on vs off (bench.step_logging): steps per repetition, repetitions of each.
+    logging_model: dict = field(default_factory=lambda: dict(TINY_MODEL))
+    logging_batch: int = 8
+    logging_steps: int = 50  # one log_batch of 50 steps per repetition
+    logging_reps: int = 3
 
     def flat(self) -> dict:
         d = dataclasses.asdict(self)
         model = d.pop("model")
         d.update({f"model.{k}": v for k, v in model.items()})
+        logging_model = d.pop("logging_model")
+        d.update({f"logging_model.{k}": v for k, v in logging_model.items()})
         return d
 
 
@@ -67,4 +85,6 @@ QUICK = Sizes(
     data_big_tokens=200_000,
     data_reps=2,
     data_budget_s=3.0,
+    logging_steps=20,
+    logging_reps=2,
 )
