@@ -193,7 +193,9 @@ def display(exp: Experiment) -> tuple[list[str], list[dict]]:
     for i, row in enumerate(exp.table.to_dict("records")):
         out: dict[str, tuple] = {"cell": ("text", row["cell"])}
         for a in axes:
-            out[_short(a, axes)] = ("text", str(row.get(a, "")))
+            value = row.get(a, "")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out[_short(a, axes)] = ("number" if number else "text", str(value))
         out["n"] = ("int", row["n"])
         for col in value_columns(metrics):
             out[col] = ("pm", row[f"{col} mean"], row[f"{col} std"], i in bold[col])
@@ -206,7 +208,7 @@ def display(exp: Experiment) -> tuple[list[str], list[dict]]:
 
 def _md_cell(spec: tuple) -> str:
     kind = spec[0]
-    if kind == "text":
+    if kind in ("text", "number"):
         return str(spec[1]).replace("|", "\\|")
     if kind == "int":
         return f"{int(spec[1]):,}"
@@ -231,7 +233,7 @@ def to_markdown(exp: Experiment) -> str:
 
 def _tex_cell(spec: tuple) -> str:
     kind = spec[0]
-    if kind == "text":
+    if kind in ("text", "number"):
         return latex.latex_escape(spec[1])
     if kind == "int":
         return f"{int(spec[1]):,}".replace(",", "{,}")
@@ -286,6 +288,7 @@ def figure(exp: Experiment, metric: str, axis: str | None = None):
             part = part.sort_values(axis)
             yerr = part[f"{col} std"].fillna(0)
             ax.errorbar(part[axis], part[f"{col} mean"], yerr=yerr, marker="o", capsize=4, label=label)
+        ax.set_xticks(sorted(set(table[axis])))
         ax.set_xlabel(axis)
         if others:
             ax.legend(fontsize=8)

@@ -247,7 +247,7 @@ def load_study_spec(name_or_path: str | Path, directory: Path | None = None) -> 
     _check_pins(path, raw, cells)
     space = {k: {"values": v, "bounds": _bounds(v)} for k, v in grid.items()}
     selection = {
-        "method": f"full grid ({len(cells)} cells), every cell reported; no selection on the test data",
+        "method": f"full grid ({len(cells)} cells), every cell reported",
         "search_space": space,
     }
     return replace(spec, grid=dict(grid), cells=tuple(cells), selection=selection)
@@ -396,8 +396,16 @@ def plan(spec: StudySpec, code: str) -> dict:
         "selection": spec.selection,
         "code_version": code,
         "versions": versions,
-        "command": redact(" ".join(sys.argv)),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """This process's command, `python -m gptexp` shown as the `gptexp` it stands for."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("__main__.py", "gptexp"):
+        argv[0] = "gptexp"
+    return redact(" ".join(argv))
 
 
 def _find_parent(client, spec: StudySpec, code: str) -> str | None:
