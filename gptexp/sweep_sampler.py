@@ -75,7 +75,14 @@ class DistinctSampler(BaseSampler):
 
     def __init__(self, spec: SweepSpec, make: Callable[[int | None], Any], seed: int | None):
         self._spec, self._make, self._seed = spec, make, seed
-        self._distributions = _space(spec)
+        self._cached: dict | None = None
+
+    @property
+    def _distributions(self) -> dict:
+        # Built at the first ask, so a space Optuna refuses fails that trial (told FAIL), not the worker's start.
+        if self._cached is None:
+            self._cached = _space(self._spec)
+        return self._cached
 
     def infer_relative_search_space(self, study, trial) -> dict:
         return dict(self._distributions)
