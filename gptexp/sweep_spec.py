@@ -483,12 +483,24 @@ def check_same_search(study, spec: SweepSpec) -> None:
         # A new study, or one made before gptexp recorded its search: from now on it is this one.
         study.set_user_attr(SEARCH_ATTR, definition)
         return
-    changes = _search_changes(recorded, definition)
+    changes = _search_changes(recorded, _without_new_defaults(recorded, definition))
     if changes:
         raise SweepError(
             f"study {spec.study} holds another search ({'; '.join(changes)}): "
             f"give this one its own study with --study NAME (or restore the spec to resume it)"
         )
+
+
+def _without_new_defaults(recorded: dict, definition: dict) -> dict:
+    """The definition less the base-config keys the recorded one lacks and that sit at their default:
+    a key added to the config by a later gptexp (e.g. train.deterministic) means the same trials at its
+    default, so a study recorded before it existed still resumes; set to anything else, it is a change."""
+    old_base, new_base = recorded.get("base config"), definition.get("base config")
+    if not isinstance(old_base, dict) or not isinstance(new_base, dict):
+        return definition
+    defaults = json.loads(json.dumps(flatten(Config().to_dict())))
+    kept = {k: v for k, v in new_base.items() if k in old_base or k not in defaults or v != defaults[k]}
+    return {**definition, "base config": kept}
 
 
 def _search_changes(old: dict, new: dict, limit: int = 3) -> list[str]:

@@ -152,6 +152,30 @@ def test_the_same_command_with_more_trials_resumes_the_study_under_the_same_pare
     assert_children_tell_the_truth(study, children)
 
 
+def test_a_study_recorded_before_a_config_key_existed_resumes_while_the_key_sits_at_its_default(
+    six, mlflow_store, tmp_path, corpus, capsys
+):
+    from gptexp.sweep_spec import SEARCH_ATTR
+
+    _, storage = six
+    study = optuna.load_study(study_name="six", storage=storage)
+    recorded = study.user_attrs[SEARCH_ATTR]
+    older = {
+        **recorded,
+        "base config": {k: v for k, v in recorded["base config"].items() if k != "train.deterministic"},
+    }
+    study.set_user_attr(SEARCH_ATTR, older)  # as a gptexp without train.deterministic recorded it
+    try:
+        at_default = write_spec(tmp_path, corpus, study="six", n_trials=len(study.trials))
+        assert sweep(at_default, storage) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert sweep(at_default, storage, "--set", "train.deterministic=true") == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds another search" in err and "train.deterministic: absent -> True" in err, err
+    finally:
+        study.set_user_attr(SEARCH_ATTR, recorded)
+
+
 @pytest.mark.parametrize(
     "change,extra",
     [
