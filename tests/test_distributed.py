@@ -296,8 +296,9 @@ def test_sigkill_of_one_rank_fails_the_run_and_resume_finishes_it_with_the_unint
     resumed = client.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED"
     assert len(client.search_runs([resumed.info.experiment_id])) == 1
-    want = client.get_run(uninterrupted).data.metrics
-    assert set(resumed.data.metrics) == set(want)
+    # System metrics (system/...) sample the machine, not the run's results: left out here.
+    want = {k: v for k, v in client.get_run(uninterrupted).data.metrics.items() if not k.startswith("system/")}
+    assert {k for k in resumed.data.metrics if not k.startswith("system/")} == set(want)
     for key in sorted(set(want) - {"tokens_per_sec"}):  # a timing, not a result
         assert resumed.data.metrics[key] == pytest.approx(want[key], abs=1e-6, rel=0), key
 
