@@ -234,23 +234,54 @@ def _write_best(ctx: Context, number: int, value: float, params: dict, run_id: s
         client.set_tag(ctx.parent_run_id, TAG_BEST_PREFIX + k, str(v))
 
 
-def _fail_stale(study, client, checked: set[int]) -> None:
+def _fail_stale(ctx: Context, study, client, checked: set[int]) -> None:
     """Fail trials whose worker stopped heartbeating (the retry callback re-enqueues them once),
-    and end their child runs FAILED so MLflow does not show them running forever."""
+    and end their child runs FAILED so MLflow does not show them running forever. A worker killed
+    between creating the run and recording its id on the trial is found by the run's tags; one killed
+    before the trial's run existed (while the corpus and model were being prepared) left no child:
+    one is recorded, FAILED, so every trial still has its child run.
+    Called under the study lock, so two workers never record the same trial."""
     import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     optuna.storages.fail_stale_trials(study)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        rid = t.user_attrs.get("mlflow_run_id")
-        if not rid or t.number in checked:
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    error = "its worker stopped (no heartbeat): the trial was failed and retried"
+    for t in trials:
+        if t.state != TrialState.FAIL or t.number in checked:
             continue
         checked.add(t.number)
         with contextlib.suppress(Exception):
-            if client.get_run(rid).info.status == "RUNNING":
-                client.set_tag(rid, TAG_ERROR, "its worker stopped (no heartbeat): the trial was failed and retried")
+            # Its run id is on the trial, unless the worker died between creating the run and saying so.
+            rid = t.user_attrs.get("mlflow_run_id") or _child_of(client, ctx, t.number)
+            if rid and client.get_run(rid).info.status == "RUNNING":
+                client.set_tag(rid, TAG_ERROR, error)
                 client.set_tag(rid, TAG_OPTUNA_STATE, "FAIL")
                 client.set_terminated(rid, status="FAILED")
+            elif not rid and t.number in retried:
+                tags = {
+                    TAG_JOB: "trial",
+                    TAG_STUDY: ctx.spec.study,
+                    TAG_TRIAL: str(t.number),
+                    TAG_OPTUNA_STUDY_NAME: ctx.spec.study,
+                    TAG_OPTUNA_TRIAL_NUMBER: str(t.number),
+                    TAG_OPTUNA_STATE: "FAIL",
+                }
+                _refused_run(client, ctx, trial_run_name(t.number, t.params), tags, f"{error}, before its run began")
+
+
+def _child_of(client, ctx: Context, number: int) -> str | None:
+    """The run id of the parent run's child for trial `number`, if it has one."""
+    from .tracking import experiment_id
+
+    found = client.search_runs(
+        [experiment_id(client, ctx.spec.experiment)],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}' and tags.`{TAG_TRIAL}` = '{number}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def work(ctx: Context, current_trial=None) -> dict[str, int]:
@@ -282,7 +313,7 @@ def work(ctx: Context, current_trial=None) -> dict[str, int]:
         interrupts.check()
         trial = None
         with lock:
-            _fail_stale(study, client, checked)
+            _fail_stale(ctx, study, client, checked)
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)

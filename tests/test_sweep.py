@@ -176,6 +176,36 @@ def test_a_study_recorded_before_a_config_key_existed_resumes_while_the_key_sits
         study.set_user_attr(SEARCH_ATTR, recorded)
 
 
+def test_a_trial_whose_worker_died_before_its_run_began_still_gets_a_failed_child_run(tmp_path, corpus, mlflow_store):
+    from gptexp.sweep import load_sweep_spec
+
+    spec = write_spec(tmp_path, corpus, study="early", n_trials=2)
+    db = tmp_path / "optuna.db"
+    storage = f"sqlite:///{db}"
+    assert sweep(spec, storage) == 0
+    # A worker that asked its trial (parameters drawn, heartbeat recorded) and was killed while
+    # preparing it, before the trial's MLflow run existed; its last heartbeat an hour ago.
+    study = optuna.load_study(study_name="early", storage=storage)
+    trial = study.ask()
+    for p in load_sweep_spec(str(spec)).space:
+        p.suggest(trial)
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute(
+            "INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (?, datetime('now', '-1 hour'))",
+            (trial._trial_id,),
+        )
+
+    assert sweep(spec, storage, "--n-trials", "3") == 0
+
+    study = optuna.load_study(study_name="early", storage=storage)
+    assert study.trials[trial.number].state == TrialState.FAIL
+    (parent,), children = mlflow_runs(MlflowClient(mlflow_store), "early")
+    assert_children_tell_the_truth(study, children)
+    (dead,) = [c for c in children if c.data.tags["gptexp.trial"] == str(trial.number)]
+    assert "before its run began" in dead.data.tags["gptexp.error"]
+    assert dead.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
 @pytest.mark.parametrize(
     "change,extra",
     [
